@@ -1,0 +1,62 @@
+"""One place that decides where the book's code runs and in which dtype it computes.
+
+CPU: float32. On the CPUs we measured, bf16 matmuls are several times slower than fp32 and a
+bitsandbytes ``Linear4bit`` forward+backward tens of times slower, so the CPU computes in fp32.
+CUDA: bf16 where the GPU supports it (Ampere and newer), else fp16 (a Colab T4).
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+
+    def __str__(self) -> str:  # what the chapters print up front
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+        return f"device={self.device.type} ({name}), compute dtype={str(self.dtype).replace('torch.', '')}"
+
+
+def pick_device(prefer: str | None = None) -> Runtime:
+    """cuda if present (or asked for), else cpu; with the compute dtype that suits it.
+
+    ``prefer`` may be "cpu" or "cuda"; the environment variable ``QLORA_DEVICE`` does the same
+    for a whole notebook run.
+    """
+    prefer = prefer or os.environ.get("QLORA_DEVICE")
+    if prefer not in (None, "", "cpu", "cuda"):
+        raise ValueError(f"unknown device {prefer!r}: use 'cpu' or 'cuda'")
+    if prefer == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; use 'cpu' or a GPU runtime")
+    if prefer != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda")
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+    return Runtime(device, dtype)
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, torch (CPU and CUDA) so a chapter's random numbers repeat."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def start_chapter(seed: int = 0) -> Runtime:
+    """What every chapter does first: pick device and dtype, print them with versions, seed."""
+    from .doctor import versions
+
+    runtime = pick_device()
+    v = versions()
+    print(runtime)
+    print(", ".join(f"{k} {v[k]}" for k in ("torch", "bitsandbytes", "transformers", "peft")))
+    seed_everything(seed)
+    return runtime
