@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from qlora_tutorial.device import pick_device, seed_everything
+
+
+def test_cpu_computes_in_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rt = pick_device()
+    assert rt.device.type == "cpu" and rt.dtype == torch.float32
+
+
+def test_cuda_dtype_follows_bf16_support(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a T4
+    assert pick_device().dtype == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # Ampere and newer
+    assert pick_device().dtype == torch.bfloat16
+
+
+def test_prefer_cpu_even_with_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("cpu").device.type == "cpu"
+
+
+def test_bad_device_requests(monkeypatch):
+    with pytest.raises(ValueError, match="use 'cpu' or 'cuda'"):
+        pick_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        pick_device("cuda")
+
+
+def test_seed_repeats():
+    seed_everything(3)
+    a = torch.randn(4)
+    seed_everything(3)
+    assert torch.equal(a, torch.randn(4))
