@@ -158,6 +158,13 @@ class Qlora_4_bit(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_qlora and x.device.type == "cpu" and self.in_features % self.quant_nn.weight.blocksize:
+            # Measured on bitsandbytes 0.50.2: its CPU kernel looks up block scales per row, so rows
+            # whose length is not a multiple of the blocksize dequantize with wrong scales.
+            raise ValueError(
+                f"in_features={self.in_features} is not a multiple of the 4-bit blocksize "
+                f"{self.quant_nn.weight.blocksize}: bitsandbytes' CPU 4-bit kernel dequantizes such "
+                "layers with the wrong block scales. Run this layer on CUDA, or use use_qlora=False.")
         out = self.quant_nn(x)
         if self.require_lora:
             out = out + lora_forward(x, self.W_a, self.W_b, self.scale)

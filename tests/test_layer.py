@@ -265,3 +265,12 @@ def test_non_finite_weight(linear):
 def test_sizes_must_match_the_given_linear(linear):
     with pytest.raises(ValueError, match="in_features=64"):
         Qlora_4_bit(64, OUT, alpha=4, r=2, linear=linear)
+
+
+def test_cpu_refuses_rows_that_split_a_block():
+    """bitsandbytes 0.50's CPU kernel reads wrong block scales when in_features % blocksize != 0."""
+    layer = Qlora_4_bit.from_linear(nn.Linear(48, 8), alpha=4, r=2)
+    with pytest.raises(ValueError, match="in_features=48 is not a multiple of the 4-bit blocksize 64"):
+        layer(torch.randn(2, 48))
+    # The LoRA mode has no 4-bit base and works with any width.
+    assert Qlora_4_bit.from_linear(nn.Linear(48, 8), alpha=4, r=2, use_qlora=False)(torch.randn(2, 48)).shape == (2, 8)
