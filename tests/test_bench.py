@@ -1,0 +1,293 @@
+"""The benchmark suite's helpers and the memory breakdown, on tiny models on the CPU.
+
+The real numbers come from a GPU (``python -m qlora_tutorial.bench``); here we check that what the
+suite measures is what it says: same weights and same trainable parameters for ours and PEFT, the
+one-shot dequantization equal to the package's and to bitsandbytes', the CSV format, the memory
+breakdown against what PyTorch really allocates.
+"""
+import csv
+import json
+import math
+import weakref
+
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+
+from qlora_tutorial import bench, memory, nf4
+from qlora_tutorial.lora import lora_param_count
+from qlora_tutorial.models import tiny_llama
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return bench.save_random_model(bench.bench_config("tiny"), tmp_path_factory.mktemp("tiny") / "model",
+                                   torch.float32, CPU)
+
+
+def expected_trainable(config, r):
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    return config.num_hidden_layers * sum(lora_param_count(a, b, r) for a, b in shapes)
+
+
+# ---------------------------------------------------------------- arguments
+def test_parse_shapes_and_setups():
+    assert bench.parse_shapes("4x512, 1X2048") == [(4, 512), (1, 2048)]
+    for bad in ("4x", "0x512", "4*512", "ax2"):
+        with pytest.raises(ValueError, match="BATCHxSEQ"):
+            bench.parse_shapes(bad)
+    assert bench.parse_setups("qlora/peft,lora/ours") == [("lora", "ours"), ("qlora", "peft")]
+    assert bench.parse_setups("all") == bench.SETUPS
+    with pytest.raises(ValueError, match="unknown setup"):
+        bench.parse_setups("qlora/hf")
+    with pytest.raises(ValueError, match="unknown config"):
+        bench.bench_config("llama70b")
+
+
+# ---------------------------------------------------------------- setups
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_ours_and_peft_train_the_same_parameters(folder, mode):
+    config = bench.bench_config("tiny")
+    counts = {}
+    for impl in ("ours", "peft"):
+        model = bench.build(mode, impl, folder, CPU, torch.float32, r=4, alpha=8)
+        counts[impl] = sum(p.numel() for p in memory.trainable_parameters(model))
+    assert counts["ours"] == counts["peft"] == expected_trainable(config, 4)
+
+
+def test_all_setups_start_from_the_same_weights(folder):
+    """Same weights and LoRA's B = 0: every setup computes the same loss on the first batch."""
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for mode, impl in bench.SETUPS:
+        model = bench.build(mode, impl, folder, CPU, torch.float32, r=4, alpha=8)
+        with torch.no_grad():
+            losses[(mode, impl)] = model(input_ids=ids, labels=ids).loss.item()
+    assert losses[("lora", "ours")] == pytest.approx(losses[("full", "torch")], abs=1e-5)
+    assert losses[("lora", "peft")] == pytest.approx(losses[("full", "torch")], abs=1e-5)
+    # same NF4 bytes; on CPUs with AVX512-BF16 bitsandbytes' inference path (PEFT's base) rounds the
+    # block scales to bf16, which our layer switches off: equal to about 1e-5 relative, not exactly
+    assert losses[("qlora", "ours")] == pytest.approx(losses[("qlora", "peft")], rel=1e-4)
+    # the 4-bit base is a different (rounded) model: close to, not equal to, the full-precision one
+    assert losses[("qlora", "ours")] != losses[("full", "torch")]
+    assert losses[("qlora", "ours")] == pytest.approx(losses[("full", "torch")], rel=0.05)
+
+
+def test_full_fine_tuning_trains_everything(folder):
+    model = bench.build("full", "torch", folder, CPU, torch.float32)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_measure_trains_and_frees(folder):
+    model = bench.build("qlora", "ours", folder, CPU, torch.float32, r=4, alpha=8)
+    before = [p.detach().clone() for p in memory.trainable_parameters(model)]
+    m = bench.measure(model, bench.Point(2, 8, grad_ckpt=True), CPU, warmup=1, steps=2)
+    assert m["step_s"] > 0 and len(m["step_times"]) == 2
+    assert m["tokens_per_s"] == pytest.approx(16 / m["step_s"])
+    assert math.isfinite(m["loss"])
+    after = memory.trainable_parameters(model)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "no LoRA parameter changed"
+    assert all(p.grad is None for p in after), "gradients were not freed after the measurement"
+    assert not model.is_gradient_checkpointing, "checkpointing was left on"
+    with pytest.raises(ValueError, match="warm-up"):
+        bench.measure(model, bench.Point(1, 8, False), CPU, warmup=0, steps=1)
+
+
+def test_count_dispatched_ops(folder):
+    model = bench.build("lora", "ours", folder, CPU, torch.float32, r=4, alpha=8)
+    optimizer = torch.optim.AdamW(memory.trainable_parameters(model))
+    counts = bench.count_dispatched_ops(model, optimizer, torch.randint(0, 256, (1, 8)))
+    # 2 layers x 7 adapted projections: at least one matmul each way for base, W_a and W_b
+    assert counts["aten.mm"] >= 2 * 7 * 3 and sum(counts.values()) > counts["aten.mm"]
+
+
+# ---------------------------------------------------------------- kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_oneshot_dequantize_equals_package_and_bitsandbytes(dtype):
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 256) * 0.02).to(dtype)
+    packed, state = nf4.quantize_nf4(weight)
+    ours = bench.dequantize_nf4_oneshot(packed, state.absmax, state.code, 64, weight.shape, dtype)
+    assert ours.dtype == dtype and ours.shape == weight.shape
+    assert torch.equal(ours, nf4.dequantize_nf4(packed, state))
+    assert torch.equal(ours, bnbF.dequantize_4bit(packed, state.to_bnb()))
+    with pytest.raises(ValueError, match="whole number of blocks"):
+        bench.dequantize_nf4_oneshot(packed, state.absmax, state.code, 64, (3, 5), dtype)
+
+
+def test_kernel_benchmark_on_cpu():
+    result = bench.kernel_benchmark(CPU, (64, 128), torch.float32, compile=False, repeat=2, copies=2,
+                                    log=lambda *_: None)
+    names = [r["implementation"] for r in result["rows"]]
+    assert names[0].startswith("bitsandbytes") and len(names) == 3
+    assert all(r["equal_to_bitsandbytes"] and r["GBps"] > 0 for r in result["rows"])
+    assert result["bytes_moved_per_dequantization"] == 64 * 128 // 2 + 64 * 128 // 64 * 4 + 64 * 128 * 4
+    check = result["bytes_check"]
+    assert check["ours_cpu_equal_bnb_device_packed"] and check["differing_packed_bytes"] == 0
+
+
+def test_table_totals_reads_the_profiler_totals():
+    table = "...rows...\nSelf CPU time total: 378.543ms\nSelf CUDA time total: 151.344ms\n"
+    totals = bench.table_totals(table, steps=3)
+    assert totals["cpu_ms_per_step"] == pytest.approx(126.181) and totals["device_ms_per_step"] == pytest.approx(50.448)
+    assert bench.table_totals("Self CPU time total: 2.5s\n", 1) == {"cpu_ms_per_step": 2500.0, "device_ms_per_step": None}
+
+
+# ---------------------------------------------------------------- output
+def row(mode, impl, step_s, peak, **kw):
+    base = {"mode": mode, "implementation": impl, "batch": 4, "seq": 512, "grad_ckpt": False, "step_s": step_s,
+            "tokens_per_s": 2048 / step_s, "peak_gib": peak, "weights_gib": 1.0, "trainable": 10, "device": "d",
+            "torch": "t", "bitsandbytes": "b", "transformers": "tr", "peft": "p", "date": "2026-01-01",
+            "command": "python -m qlora_tutorial.bench"}
+    return {**base, **kw}
+
+
+def test_csv_round_trip(tmp_path):
+    rows = [row("lora", "ours", 0.1, 5.0), row("lora", "peft", 0.1, "", grad_ckpt=True)]
+    path = tmp_path / "b.csv"
+    bench.write_csv(rows, path)
+    with open(path) as f:
+        assert next(csv.reader(f)) == bench.CSV_COLUMNS
+    back = bench.read_csv(path)
+    assert back[0]["step_s"] == 0.1 and back[0]["batch"] == 4 and back[0]["grad_ckpt"] is False
+    assert back[1]["grad_ckpt"] is True and math.isnan(back[1]["peak_gib"])
+
+
+def test_repository_address_agrees_with_the_book_config():
+    import re
+
+    config = (bench.ROOT / "_config.yml").read_text()
+    assert re.search(r"^\s*url:\s*(\S+)", config, re.M).group(1) == bench.REPOSITORY
+    assert bench.RAW_DATA_URL.startswith("https://raw.githubusercontent.com/") and bench.RAW_DATA_URL.endswith("/book/data")
+
+
+def test_committed_results_have_provenance():
+    rows = bench.load_benchmark()
+    assert {(r["mode"], r["implementation"]) for r in rows} == set(bench.SETUPS)
+    for r in rows:
+        assert r["device"] and r["torch"] and r["bitsandbytes"] and r["date"]
+        assert r["command"].startswith("python -m qlora_tutorial.bench")
+        assert r["step_s"] > 0 and r["peak_gib"] > r["weights_gib"] > 0
+    kernels = bench.load_kernels()
+    assert kernels["provenance"]["device"] == rows[0]["device"]
+    assert kernels["kernels"]["rows"][0]["implementation"].startswith("bitsandbytes")
+    with pytest.raises(ValueError, match="not a benchmark CSV"):
+        bench.parse_csv("a,b\n1,2\n")
+
+
+def test_compare_flags_what_misses_the_targets():
+    rows = [row("lora", "ours", 0.104, 5.0), row("lora", "peft", 0.100, 5.0),
+            row("qlora", "ours", 0.107, 5.2), row("qlora", "peft", 0.100, 5.0), row("full", "torch", 0.05, 9.0)]
+    by_mode = {c["mode"]: c for c in bench.compare(rows)}
+    assert set(by_mode) == {"lora", "qlora"}
+    assert by_mode["lora"]["time_ok"] and by_mode["lora"]["memory_ok"]
+    assert not by_mode["qlora"]["time_ok"] and not by_mode["qlora"]["memory_ok"]
+    assert by_mode["qlora"]["time_ratio"] == pytest.approx(1.07)
+
+
+def test_main_quick_writes_csv_and_json(tmp_path):
+    out_csv, out_json = tmp_path / "b.csv", tmp_path / "k.json"
+    code = bench.main(["--quick", "--device", "cpu", "--setups", "qlora/ours", "--shapes", "1x8",
+                       "--grad-ckpt", "off", "--steps", "1", "--no-compile", "--kernel-shape", "2x64",
+                       "--csv", str(out_csv), "--json", str(out_json)])
+    assert code == 0
+    rows = bench.read_csv(out_csv)
+    assert [(r["mode"], r["implementation"]) for r in rows] == [("qlora", "ours")]
+    assert rows[0]["command"].startswith("python -m qlora_tutorial.bench --quick")
+    assert rows[0]["device"].startswith("CPU") and rows[0]["torch"] == torch.__version__
+    result = json.loads(out_json.read_text())
+    assert result["failures"] == [] and result["comparison"] == []  # no PEFT row to compare with
+    assert result["rows_extra"][0]["saved_activation_bytes_counted"] > 0
+    assert result["kernels"]["bytes_check"]["ours_cpu_equal_bnb_device_packed"]
+
+
+# ---------------------------------------------------------------- memory breakdown
+def test_weight_bytes_of_a_4bit_model(folder):
+    model = bench.build("qlora", "ours", folder, CPU, torch.float32, r=4, alpha=8)
+    expected = 0
+    for name, p in model.named_parameters():
+        expected += p.numel() * p.element_size()
+        if getattr(p, "quant_state", None) is not None:  # packed bytes + float32 absmax per 64 + 16-value code
+            n = p.quant_state.shape.numel()
+            assert p.numel() * p.element_size() == n // 2
+            expected += n // 64 * 4 + 16 * 4
+    expected += sum(b.numel() * b.element_size() for b in model.buffers())
+    assert memory.weight_bytes(model) == expected
+
+
+def test_gradient_and_optimizer_bytes_match_adamw():
+    model = tiny_llama()
+    for name, p in model.named_parameters():
+        p.requires_grad_("mlp" in name)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert memory.gradient_bytes(model) == 4 * trainable
+    optimizer = torch.optim.AdamW(memory.trainable_parameters(model))
+    ids = torch.randint(0, 256, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    assert states == memory.optimizer_state_bytes(model)
+    assert sum(p.grad.numel() * p.grad.element_size() for p in memory.trainable_parameters(model)) == \
+        memory.gradient_bytes(model)
+
+
+def test_saved_activations_grow_with_tokens_and_do_not_leak():
+    model = tiny_llama()
+    kept = []
+    model.model.layers[0].mlp.act_fn.register_forward_hook(lambda m, i, o: kept.append(weakref.ref(o)))
+    one = memory.saved_activation_bytes(model, torch.randint(0, 256, (1, 32)))
+    two = memory.saved_activation_bytes(model, torch.randint(0, 256, (2, 32)))
+    assert one > 0 and two == pytest.approx(2 * one, rel=0.05)
+    import gc
+
+    gc.collect()
+    assert all(r() is None for r in kept), "counting saved tensors kept the autograd graph alive"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires grad"):
+        memory.saved_activation_bytes(model, torch.randint(0, 256, (1, 8)))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_activation_estimate_matches_a_direct_count(mode):
+    """Counted on 1 and 2 layers over 16 and 32 tokens, scaled to 4 layers and 2 x 24 tokens:
+    equal to counting the 4-layer model on that batch directly (bf16: LoRA's bf16 copies of W_a and
+    W_b are a fixed cost per layer, which the estimate must not scale with the tokens)."""
+    from qlora_tutorial.models import build_from_config
+
+    config = bench.bench_config("tiny")
+    config.num_hidden_layers = 4
+    prepare = memory.prepare_for(mode, r=4, alpha=8, dtype=torch.bfloat16)
+    estimate = memory.activation_estimate(config, prepare, batch=2, seq=24, dtype=torch.bfloat16, probe_tokens=16)
+    if mode == "lora":
+        assert estimate["layer_fixed"] > 0
+    model = prepare(build_from_config(config, device="cpu", dtype=torch.bfloat16))
+    counted = memory.saved_activation_bytes(model, torch.randint(0, config.vocab_size, (2, 24)))
+    assert estimate["activation_bytes"] == pytest.approx(counted, rel=0.01)
+    ckpt = memory.activation_estimate(config, prepare, batch=2, seq=24, dtype=torch.bfloat16, probe_tokens=16,
+                                      grad_ckpt=True)
+    assert ckpt["activation_bytes"] < estimate["activation_bytes"]
+
+
+def test_predicted_weights_of_a_meta_model_equal_the_real_ones(folder):
+    """Planned on the meta device (nothing quantized yet) = counted on the quantized model."""
+    from qlora_tutorial.models import build_from_config
+
+    config = bench.bench_config("tiny")
+    planned = memory.prepare_for("qlora", r=4, alpha=8, dtype=torch.float32)(
+        build_from_config(config, device="meta"))
+    real = bench.build("qlora", "ours", folder, CPU, torch.float32, r=4, alpha=8)
+    assert memory.weight_bytes(planned) == memory.weight_bytes(real)
+    with pytest.raises(ValueError, match="mode"):
+        memory.prepare_for("dora")
+
+
+def test_breakdown_adds_up():
+    model = tiny_llama()
+    b = memory.breakdown(model, activation_bytes=1000)
+    assert b["total"] == b["weights"] + b["gradients"] + b["optimizer_states"] + 1000
+    assert b["optimizer_states"] == 2 * b["gradients"]
