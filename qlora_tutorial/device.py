@@ -1,7 +1,9 @@
 """One place that decides where the book's code runs and in which dtype it computes.
 
-CPU: float32. On the CPUs we measured, bf16 matmuls are several times slower than fp32 and a
-bitsandbytes ``Linear4bit`` forward+backward tens of times slower, so the CPU computes in fp32.
+CPU: float32. How fast bfloat16 runs on a CPU depends on the processor (some have bfloat16
+instructions, some do not): ``time_matmul`` measures it on yours, and the setup chapter shows the
+result. float32 is fast on every CPU and gives the same numbers on every CPU, which is what lets the
+tests compare the chapters' outputs.
 CUDA: bf16 where the GPU supports it (Ampere and newer), else fp16 (a Colab T4).
 """
 from __future__ import annotations
@@ -60,3 +62,24 @@ def start_chapter(seed: int = 0) -> Runtime:
     print(", ".join(f"{k} {v[k]}" for k in ("torch", "bitsandbytes", "transformers", "peft")))
     seed_everything(seed)
     return runtime
+
+
+def time_matmul(dtype: torch.dtype, size: int = 1024, device: str | torch.device = "cpu", repeat: int = 5) -> float:
+    """Median seconds of one (size x size) @ (size x size) matrix product in ``dtype`` on ``device``.
+
+    The measurement behind the CPU's float32 choice: run it for float32 and bfloat16 and compare.
+    """
+    import time
+
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    times = []
+    for _ in range(repeat + 1):  # the first call warms up and is not counted
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeat // 2]

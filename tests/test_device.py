@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qlora_tutorial.device import pick_device, seed_everything
+from qlora_tutorial.device import pick_device, seed_everything, time_matmul
 
 
 def test_cpu_computes_in_float32(monkeypatch):
@@ -36,3 +36,8 @@ def test_seed_repeats():
     a = torch.randn(4)
     seed_everything(3)
     assert torch.equal(a, torch.randn(4))
+
+
+def test_time_matmul_measures_both_dtypes():
+    fp32, bf16 = time_matmul(torch.float32, size=64, repeat=3), time_matmul(torch.bfloat16, size=64, repeat=3)
+    assert 0 < fp32 < 1 and 0 < bf16 < 1
