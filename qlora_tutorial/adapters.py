@@ -32,9 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layer import Qlora_4_bit
+from .layer import Qlora_4_bit, dequantize_base
 from .lora import target_matches as matches
-from .model import quantize_model, wrapped_layers
+from .model import guard_save_pretrained, layer_settings, quantize_model, unchanged_on_error, wrapped_layers
 
 FORMAT = "qlora_tutorial.adapter"
 FORMAT_VERSION = 1
@@ -162,9 +162,22 @@ def load_adapter(model: nn.Module, path, use_qlora: bool | None = None) -> nn.Mo
     config, tensors = read_adapter(path)
     if use_qlora is None:
         use_qlora = config["mode"] == "qlora"
-    if not wrapped_layers(model):
-        quantize_model(model, config["targets"], config["alpha"], config["r"], use_qlora=use_qlora,
-                       rslora=config["rslora"])
+    # Wrapping comes first (the checks need the layers); any failure below unwraps the model again.
+    with unchanged_on_error(model):
+        if not wrapped_layers(model):
+            quantize_model(model, config["targets"], config["alpha"], config["r"], use_qlora=use_qlora,
+                           rslora=config["rslora"])
+        _check_adapter_fits(model, config, tensors)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.W_a.copy_(tensors[f"{name}.W_a"])
+            layer.W_b.copy_(tensors[f"{name}.W_b"])
+    return model
+
+
+def _check_adapter_fits(model: nn.Module, config: dict, tensors: dict) -> None:
+    """Every key, shape, value and the scale of an adapter file against the model's LoRA layers."""
     layers = lora_layers(model)
     saved_base, our_base = config.get("base_model"), base_model_id(model)
     if saved_base and our_base and saved_base != our_base:
@@ -190,11 +203,6 @@ def load_adapter(model: nn.Module, path, use_qlora: bool | None = None) -> nn.Mo
             raise ValueError(f"{name} has scale {layer.scale:g} but the adapter was trained with scale {file_scale:g} "
                              f"(alpha={config['alpha']}, r={config['r']}, rslora={config['rslora']}); "
                              "wrap the model with the adapter's alpha and rslora")
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.W_a.copy_(tensors[f"{name}.W_a"])
-            layer.W_b.copy_(tensors[f"{name}.W_b"])
-    return model
 
 
 def _scale(alpha, r, rslora) -> float:
@@ -362,15 +370,17 @@ def import_peft(model: nn.Module, path, use_qlora: bool = False, **quantize_kwar
             raise ValueError(f"target_modules={config['target_modules']!r} and {PEFT_WEIGHTS_FILE} disagree on this "
                              "model (" + "; ".join(parts) + "); is it the adapter's base model?")
 
-    quantize_model(model, list(pairs), alpha, r, use_qlora=use_qlora, rslora=rslora, **quantize_kwargs)
-    modules = dict(model.named_modules())
     for name, p in pairs.items():
-        layer = modules[name]
         A, B = p["A"], p["B"]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != r or B.shape[1] != r:
             raise ValueError(f"{name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not have the config's "
                              f"rank r={r} (rank_pattern is not supported)")
-        _check_pair(name, layer, A.T, B.T)
+    # Wrapping comes first (the shape checks need the layers); any failure unwraps the model again.
+    with unchanged_on_error(model):
+        quantize_model(model, list(pairs), alpha, r, use_qlora=use_qlora, rslora=rslora, **quantize_kwargs)
+        modules = dict(model.named_modules())
+        for name, p in pairs.items():
+            _check_pair(name, modules[name], p["A"].T, p["B"].T)
     with torch.no_grad():
         for name, p in pairs.items():
             modules[name].W_a.copy_(p["A"].T)
@@ -418,7 +428,11 @@ def merge(model: nn.Module, requantize: bool = False, dtype: torch.dtype | None 
       ``require_lora=False``, same quant type and blocksize): a 4-bit model with no adapter, at the
       price of a new rounding error that ``merge_errors`` measures.
     """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     layers = lora_layers(model)
+    # Build every merged layer first (this is where anything can fail), then swap them all in.
+    merged = {}
     for name, layer in layers.items():
         linear = merged_linear(layer, dtype)
         if requantize:
@@ -427,11 +441,15 @@ def merge(model: nn.Module, requantize: bool = False, dtype: torch.dtype | None 
                 w = layer.quant_nn.weight
                 kwargs = dict(quant_type=w.quant_type, blocksize=w.blocksize,
                               compress_statistics=w.compress_statistics, compute_dtype=layer.quant_nn.compute_dtype)
-            new = Qlora_4_bit.from_linear(linear, layer.alpha, layer.r, require_lora=False, use_qlora=True, **kwargs)
+            merged[name] = Qlora_4_bit.from_linear(linear, layer.alpha, layer.r, require_lora=False,
+                                                   use_qlora=True, name=name, **kwargs)
         else:
-            new = linear
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, new)
+            merged[name] = linear
+    with unchanged_on_error(model):
+        for name, new in merged.items():
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, new)
+        guard_save_pretrained(model)  # a model of plain layers can be saved with save_pretrained again
     return model
 
 
@@ -462,7 +480,7 @@ def merge_errors(model: nn.Module, dtypes=(torch.float16, torch.bfloat16)) -> li
         quant_type = getattr(w, "quant_type", "nf4")
         blocksize = getattr(w, "blocksize", 64)
         packed, state = bnbF.quantize_4bit(exact.contiguous(), blocksize=blocksize, quant_type=quant_type)
-        stored[quant_type] = bnbF.dequantize_4bit(packed, state).float()
+        stored[quant_type] = dequantize_base(packed, state).float()
         if layer.is_quantized and not getattr(w.quant_state, "packing_format_for_cpu", False):
             # Which 4-bit codes the requantized weight changes (two codes per byte: high, low nibble).
             row["codes_changed"] = (_nibbles(packed) != _nibbles(w.data)).float().mean().item()
@@ -473,3 +491,108 @@ def merge_errors(model: nn.Module, dtypes=(torch.float16, torch.bfloat16)) -> li
             row[f"{key}_relative_to_delta"] = err.norm().item() / delta if delta > 0 else math.inf
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------- the whole quantized model
+QUANTIZED_FORMAT = "qlora_tutorial.quantized"
+QUANTIZED_WEIGHTS_FILE = "quantized.safetensors"
+QUANTIZED_CONFIG_FILE = "quantized.json"
+
+
+def save_quantized(model: nn.Module, path) -> Path:
+    """Write a whole model with ``Qlora_4_bit`` layers into the folder ``path``; return the folder.
+
+    Two files: ``quantized.safetensors`` holds the full state dict (the 4-bit layers as bitsandbytes
+    stores them: packed bytes, block scales, code, and the double quantization's constants; LoRA
+    matrices; every other weight), ``quantized.json`` how each layer was wrapped.
+    ``load_quantized`` reads it back bit-exact. Tied weights are stored once.
+    """
+    layers = {name: layer_settings(model.get_submodule(name)) for name in wrapped_layers(model)}
+    if not layers:
+        raise ValueError("the model has no Qlora_4_bit layers: save a plain model with save_pretrained "
+                         "(transformers) or safetensors.torch.save_model")
+    for settings in layers.values():
+        settings.pop("compute_dtype", None)  # a choice for the device it runs on, not part of the weights
+    tensors, aliases, storages = {}, {}, {}
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        place = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+        if value.numel() and place in storages:  # the same tensor under a second name (tied weights)
+            aliases[key] = storages[place]
+            continue
+        shared = value.numel() and any(p[0] == place[0] for p in storages)
+        storages[place] = key
+        # safetensors stores no two names on one memory block: copy the tensors that share one
+        tensors[key] = (value.clone() if shared else value).to("cpu").contiguous()
+    config = {"format": QUANTIZED_FORMAT, "format_version": FORMAT_VERSION, "base_model": base_model_id(model),
+              "model_class": type(model).__name__, "layers": layers, "aliases": aliases}
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / QUANTIZED_WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / QUANTIZED_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def read_quantized(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict) from a folder written by ``save_quantized``; tied names filled in."""
+    folder = Path(path)
+    for name in (QUANTIZED_CONFIG_FILE, QUANTIZED_WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{name} is missing in the folder {folder.name!r}; save_quantized writes "
+                                    f"{QUANTIZED_CONFIG_FILE} and {QUANTIZED_WEIGHTS_FILE}")
+    config = json.loads((folder / QUANTIZED_CONFIG_FILE).read_text())
+    if config.get("format") != QUANTIZED_FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{QUANTIZED_CONFIG_FILE} is not a {QUANTIZED_FORMAT} version {FORMAT_VERSION} config "
+                         f"(format={config.get('format')!r}, version={config.get('format_version')!r})")
+    tensors = load_file(str(folder / QUANTIZED_WEIGHTS_FILE))
+    for alias, key in config.get("aliases", {}).items():
+        tensors[alias] = tensors[key]
+    return config, tensors
+
+
+def load_quantized(model_or_config, path) -> nn.Module:
+    """A model saved by ``save_quantized``, back bit-exact; returns the model.
+
+    ``model_or_config`` is a model of the same architecture, plain (it is wrapped as the file says,
+    e.g. ``load_model()`` or ``AutoModelForCausalLM.from_config(config)``) or already wrapped with
+    the same settings; or a transformers config, from which a model is built first. Every key and
+    shape is checked before anything is loaded; on any error the model is left as it was.
+    """
+    config, tensors = read_quantized(path)
+    model = model_or_config
+    if not isinstance(model, nn.Module):
+        from transformers import AutoModelForCausalLM, PretrainedConfig
+
+        if not isinstance(model, PretrainedConfig):
+            raise TypeError(f"model_or_config must be a torch.nn.Module or a transformers config, "
+                            f"got {type(model).__name__}")
+        model = AutoModelForCausalLM.from_config(model)
+    with unchanged_on_error(model):
+        groups: dict[str, list[str]] = {}
+        for name, settings in config["layers"].items():
+            groups.setdefault(json.dumps(settings, sort_keys=True), []).append(name)
+        for key, names in groups.items():
+            settings = json.loads(key)
+            alpha, r = settings.pop("alpha"), settings.pop("r")
+            quantize_model(model, names, alpha, r, **settings)
+        extra = set(wrapped_layers(model)) - set(config["layers"])
+        if extra:
+            raise ValueError(f"the model has Qlora_4_bit layers the file does not hold: {_list(extra)}; "
+                             "load into a plain model")
+        _check_state_fits(model.state_dict(), tensors)
+        model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def _check_state_fits(expected: dict, tensors: dict) -> None:
+    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    if missing or unexpected:
+        parts = ([f"missing from the file: {_list(missing)}"] if missing else []) + (
+            [f"in the file but not in the model: {_list(unexpected)}"] if unexpected else [])
+        raise ValueError("the saved model does not fit this model (" + "; ".join(parts) + "); load it into a "
+                         "model of the architecture it was saved from")
+    # (bitsandbytes' packed quant_state entry is JSON text whose length varies: no fixed shape)
+    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if ".quant_state.bitsandbytes__" not in k and tuple(tensors[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"shapes differ between the file and the model: {_list(wrong, 3)}; another model size?")

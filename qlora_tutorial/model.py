@@ -3,6 +3,8 @@
 ``quantize_model(model, ["gate_proj", "up_proj", "down_proj"], alpha=4, r=2)`` walks the module
 tree, replaces every ``nn.Linear`` whose name matches a target with a ``Qlora_4_bit`` built from it,
 and freezes every parameter that is not a LoRA matrix. Calling it again wraps nothing twice.
+Everything is checked before the model is touched; if anything still fails, ``unchanged_on_error``
+puts every submodule and ``requires_grad`` flag back, so a failed call leaves the model as it was.
 
 ``count_parameters`` counts *logical* parameters: bitsandbytes packs two 4-bit weights into one
 byte, so a quantized (out, in) weight reports ``numel() == out * in / 2``; we count it as out * in,
@@ -10,10 +12,12 @@ as PEFT's ``print_trainable_parameters`` does.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import bitsandbytes as bnb
 from torch import nn
 
-from .layer import QUANTIZED_LINEAR_TYPES, Qlora_4_bit
+from .layer import QUANTIZED_LINEAR_TYPES, Qlora_4_bit, check_features, check_quant_settings, check_weight_to_wrap
 from .lora import check_rank_alpha, resolve_target_names, target_matches
 
 
@@ -57,7 +61,57 @@ def _check_not_prequantized(module: nn.Module) -> None:
                          "quantize_model quantize it")
 
 
-# ---------------------------------------------------------------- the seed's function
+# ---------------------------------------------------------------- failing without side effects
+@contextmanager
+def unchanged_on_error(module: nn.Module):
+    """Run a block that rewires ``module``; if it raises, put the module tree back as it was.
+
+    Restores every submodule and parameter slot (so wrapped layers become the original ones again),
+    every ``requires_grad`` flag, and the ``save_pretrained`` guard. Values copied *into* tensors are
+    not undone: callers check what they load before they copy it.
+    """
+    modules = list(module.modules())
+    slots = [(m, dict(m._modules), dict(m._parameters)) for m in modules]
+    flags = [(p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None]
+    guard = module.__dict__.get("save_pretrained")
+    try:
+        yield
+    except BaseException:
+        for m, children, params in slots:
+            m._modules.clear()
+            m._modules.update(children)
+            m._parameters.clear()
+            m._parameters.update(params)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if guard is None:
+            module.__dict__.pop("save_pretrained", None)
+        else:
+            module.__dict__["save_pretrained"] = guard
+        raise
+
+
+def _refuse_save_pretrained(*args, **kwargs):
+    raise RuntimeError(
+        "save_pretrained cannot save a model with Qlora_4_bit layers: from_pretrained would not know them and "
+        "would silently re-initialise those layers at random. Instead save the adapter with "
+        "qlora_tutorial.adapters.save_adapter(model, folder) (or export_peft for PEFT), save the whole quantized "
+        "model with qlora_tutorial.adapters.save_quantized(model, folder), or merge(model) first and then call "
+        "save_pretrained. (The Trainer calls save_pretrained for checkpoints: train with save_strategy='no' and "
+        "save the adapter afterwards, as qlora_tutorial.train does.)")
+
+
+def guard_save_pretrained(module: nn.Module) -> None:
+    """Make ``module.save_pretrained`` refuse while the model holds Qlora_4_bit layers, and work again after."""
+    if not hasattr(type(module), "save_pretrained"):
+        return
+    if wrapped_layers(module):
+        module.__dict__["save_pretrained"] = _refuse_save_pretrained
+    else:
+        module.__dict__.pop("save_pretrained", None)
+
+
+# ---------------------------------------------------------------- the original README's function
 def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_lora: bool = True,
                    use_qlora: bool = True, *, rslora: bool = False, compress_statistics: bool = False,
                    compute_dtype=None, quant_type: str = "nf4", blocksize: int = 64,
@@ -76,14 +130,19 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     check_rank_alpha(r, alpha)
+    check_quant_settings(quant_type, blocksize, "quantize_model")
     targets = resolve_target_names(mlp_layers)
     _check_not_prequantized(module)
+    settings = dict(alpha=alpha, r=r, require_lora=bool(require_lora), use_qlora=bool(use_qlora), rslora=rslora,
+                    quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics,
+                    compute_dtype=compute_dtype)
 
     # Who shares a parameter with whom (tied embeddings: lm_head.weight is embed_tokens.weight).
     owners: dict[int, int] = {}
     for _, p in module.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
 
+    # 1. Check every target (names, types, sharing, sizes, dtypes, values) before changing anything.
     matched = {t: [] for t in targets}
     to_wrap = []
     for parent, name, qualified, child in _walk(module):
@@ -93,7 +152,7 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
         for t in hits:
             matched[t].append(qualified)
         if isinstance(child, Qlora_4_bit):
-            _check_same_config(child, qualified, alpha, r, require_lora, use_qlora, rslora)
+            _check_same_config(child, qualified, settings)
             continue
         if not isinstance(child, nn.Linear):
             inner = dict.fromkeys(n.rsplit(".", 1)[-1] for n, c in child.named_modules() if n and isinstance(c, nn.Linear))
@@ -102,29 +161,52 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
         if owners.get(id(child.weight), 0) > 1:
             raise ValueError(f"{qualified}.weight is shared with another layer (tied embeddings); wrapping it "
                              "would untie them. Leave it out of mlp_layers (LoRA rarely targets lm_head).")
-        to_wrap.append((parent, name, child))
+        check_features(child.in_features, child.out_features, qualified)
+        check_weight_to_wrap(child, qualified, bool(use_qlora))
+        to_wrap.append((parent, name, qualified, child))
 
     missing = [t for t, hits in matched.items() if not hits]
     if missing:
         raise ValueError(f"no layer of the model matches {missing}; the linear layers it has are named: "
                          f"{', '.join(linear_names(module))}")
 
-    for parent, name, child in to_wrap:
-        setattr(parent, name, Qlora_4_bit.from_linear(
+    # 2. Build every new layer, then 3. swap them in and freeze; undone as a whole if anything fails.
+    with unchanged_on_error(module):
+        built = [(parent, name, Qlora_4_bit.from_linear(
             child, alpha, r, require_lora, use_qlora, rslora=rslora, compress_statistics=compress_statistics,
-            compute_dtype=compute_dtype, quant_type=quant_type, blocksize=blocksize))
-
-    if freeze:
-        freeze_non_lora(module)
+            compute_dtype=compute_dtype, quant_type=quant_type, blocksize=blocksize, name=qualified))
+            for parent, name, qualified, child in to_wrap]
+        for parent, name, layer in built:
+            setattr(parent, name, layer)
+        if freeze:
+            freeze_non_lora(module)
+        guard_save_pretrained(module)
     return module
 
 
-def _check_same_config(layer: Qlora_4_bit, qualified, alpha, r, require_lora, use_qlora, rslora) -> None:
-    have = (layer.alpha, layer.r, layer.require_lora, layer.use_qlora, layer.rslora)
-    want = (alpha, r, bool(require_lora), bool(use_qlora), rslora)
-    if have != want:
-        raise ValueError(f"{qualified} is already a Qlora_4_bit with (alpha, r, require_lora, use_qlora, rslora)="
-                         f"{have}, not {want}; a layer is wrapped once. Start from a fresh model to change it.")
+def layer_settings(layer: Qlora_4_bit) -> dict:
+    """The quantize_model settings a wrapped layer was built with (the 4-bit ones only in 4-bit mode)."""
+    out = dict(alpha=layer.alpha, r=layer.r, require_lora=layer.require_lora, use_qlora=layer.use_qlora,
+               rslora=layer.rslora)
+    if layer.use_qlora:
+        w = layer.quant_nn.weight
+        out.update(quant_type=w.quant_type, blocksize=w.blocksize, compress_statistics=bool(w.compress_statistics),
+                   compute_dtype=layer.quant_nn.compute_dtype)
+    return out
+
+
+def _check_same_config(layer: Qlora_4_bit, qualified, settings: dict) -> None:
+    """A second quantize_model call may not ask for other settings on a layer it wrapped before."""
+    have = layer_settings(layer)
+    want = {k: settings[k] for k in have}
+    if want.get("compute_dtype") is None:  # None asks for no particular compute dtype
+        want.pop("compute_dtype", None)
+    differ = {k: (have[k], v) for k, v in want.items() if have[k] != v}
+    if differ:
+        detail = ", ".join(f"{k}={new!r} (it has {old!r})" for k, (old, new) in differ.items())
+        raise ValueError(f"{qualified} is already a Qlora_4_bit and this call asks for {detail}; a layer is wrapped "
+                         "once. Call quantize_model with the settings it was wrapped with, or start from a fresh "
+                         "model to change them.")
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:

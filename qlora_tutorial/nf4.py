@@ -288,6 +288,13 @@ def double_quantize(absmax: torch.Tensor, blocksize2: int = BLOCKSIZE2, lut: boo
     uses the signed code's both halves), then blocks of ``blocksize2`` go to 8 bits.
     """
     offset = absmax.mean()
+    if not torch.isfinite(offset):
+        # The float32 sum of the constants overflows once they come near float32's limit (3.4e38).
+        # bitsandbytes then stores an infinite offset and dequantizes every weight to NaN.
+        raise ValueError(f"double quantization overflows: the mean of the block absmax constants (the largest is "
+                         f"{absmax.max().item():.3g}) is not finite in float32, so the weights would come back "
+                         "as NaN. Quantize these weights without double quantization (double_quant=False, "
+                         "compress_statistics=False), or scale them down first")
     codes, absmax2 = quantize_8bit(absmax - offset, blocksize2, lut=lut)
     return codes, offset, absmax2
 
