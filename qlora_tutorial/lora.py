@@ -1,4 +1,4 @@
-"""LoRA's math, in the seed's layout. Every other module (the layer, the model walker, the adapter
+"""LoRA's math, in the original README's layout. Every other module (the layer, the model walker, the adapter
 files) uses these functions instead of writing the formulas again.
 
 A frozen weight W0 (out x in, as nn.Linear stores it) is adapted by a rank-r product:

@@ -96,7 +96,7 @@ def test_everything_but_lora_is_frozen_embeddings_included():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith((".W_a", ".W_b")) for n in trainable)
     assert not model.model.embed_tokens.weight.requires_grad
-    # the seed's manual freeze is then harmless
+    # the original README's manual freeze is then harmless
     model.model.embed_tokens.weight.requires_grad = False
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     ids = torch.randint(0, 256, (2, 12))
@@ -149,13 +149,13 @@ def test_print_trainable(capsys):
     assert capsys.readouterr().out == f"Trainable: {result[0]:,} of {result[1]:,} parameters ({100 * result[0] / result[1]:.3f}%)\n"
 
 
-def test_tinyllama_seed_example_from_its_config():
-    """The seed's example (TinyLlama-1.1B, MLP layers, r=2) counted on the meta device."""
+def test_tinyllama_readme_example_from_its_config():
+    """The original README's example (TinyLlama-1.1B, MLP layers, r=2) counted on the meta device."""
     model = build_from_config(tinyllama_config(), device="meta")
     assert count_parameters(model) == (1_100_048_384, 1_100_048_384)
     quantize_model(model, MLP, alpha=4, r=2)
     trainable, total = count_parameters(model)
-    assert trainable == 22 * 2 * (3 * (2048 + 5632)) == 1_013_760  # not the seed's 1,048,576
+    assert trainable == 22 * 2 * (3 * (2048 + 5632)) == 1_013_760  # not the original README's 1,048,576
     assert total == 1_100_048_384 + trainable
 
 
