@@ -140,7 +140,7 @@ class TwoLayers(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-@settings(SETTINGS, max_examples=15)
+@settings(SETTINGS, max_examples=10)
 @given(sizes=st.tuples(st.integers(1, 150), st.integers(1, 150), st.integers(1, 150)), r=st.integers(1, 6),
        alpha=st.one_of(st.integers(1, 64), st.floats(0.01, 100)), rslora=st.booleans(), use_qlora=st.booleans(),
        seed=st.integers(0, 1000))

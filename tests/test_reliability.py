@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -15,6 +16,15 @@ from qlora_tutorial.nf4 import dequantize_nf4, quantize_nf4
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7, 250, 3], [4, 4, 8, 15, 16, 23, 42, 0, 99, 200]])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def eager_bitsandbytes():
+    """bitsandbytes' CPU double quantization runs a torch.compile'd function (seconds to compile); eager is the same."""
+    old = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    yield
+    torch._dynamo.config.disable = old
 
 
 def trained(targets=MLP, use_qlora=True, seed=0, **kwargs):
