@@ -19,6 +19,15 @@ all we store. Three ways out of the model and one way into it:
 * ``merge(model)``: fold ``W0 + s * (W_a @ W_b)^T`` into a plain layer. Exact (up to float rounding)
   when the base is kept in 16/32 bits; with ``requantize=True`` the merged weight is rounded to NF4
   again, and ``merge_errors`` measures what that rounding costs.
+
+And for the whole quantized model (base included), ``save_quantized(model, folder)`` /
+``load_quantized(model_or_config, folder)``: the full state dict in safetensors, 4-bit layers as
+bitsandbytes stores them, read back bit-exact. ``model.state_dict()`` / ``load_state_dict(strict=True)``
+round-trip too. transformers' ``save_pretrained`` refuses a wrapped model (``from_pretrained`` would
+re-initialise the layers it does not know); it works again after ``merge``.
+
+Every loader checks what it loads before it copies anything, and a failed call leaves the model as
+it was (``model.unchanged_on_error``).
 """
 from __future__ import annotations
 
