@@ -12,6 +12,14 @@ Three modes, picked with the original README's two switches:
 
 The LoRA math itself (scale, init, the low-rank branch, the (out, in) update) lives in
 ``qlora_tutorial.lora``; this module only assembles it around a base layer.
+
+On the CPU, bitsandbytes 0.50 dequantizes a 4-bit weight with the wrong block scales when a row
+(``in_features`` values) is not a whole number of blocks. For such layers the forward, ``base_weight``
+and merging use the package's own exact NF4/FP4 dequantizer (``nf4.dequantize_nf4``) instead.
+
+The layer's state dict holds the 4-bit weight as bitsandbytes writes it (packed bytes plus the
+quantization state), and ``load_state_dict`` reads all of it back, so a quantized model saved with
+``state_dict()`` loads bit-exact into a freshly quantized one.
 """
 from __future__ import annotations
 
