@@ -269,7 +269,7 @@ def test_sizes_must_match_the_given_linear(linear):
 
 
 @pytest.mark.parametrize("in_features, blocksize, double_quant", [(48, 64, False), (100, 64, True), (200, 128, False),
-                                                                  (96, 32, False)])
+                                                                  (80, 32, False)])
 def test_rows_that_split_a_block_are_exact_on_cpu(in_features, blocksize, double_quant):
     """bitsandbytes 0.50's CPU kernel reads wrong block scales when in_features % blocksize != 0; the layer
     dequantizes such weights with the package's exact NF4 code instead, in forward, base_weight and merge."""
