@@ -44,9 +44,10 @@ import torch
 from . import memory
 from .train import set_checkpointing  # non-reentrant: frozen embeddings still pass gradients to LoRA
 
-ROOT = Path(__file__).resolve().parent.parent
-CSV_PATH = ROOT / "book" / "data" / "gpu_benchmark.csv"
-KERNELS_PATH = ROOT / "book" / "data" / "gpu_kernels.json"
+# Relative to the current directory: the installed package knows no checkout, so a book run is made
+# from the repository's root (or given --csv/--json).
+CSV_PATH = Path("book") / "data" / "gpu_benchmark.csv"
+KERNELS_PATH = Path("book") / "data" / "gpu_kernels.json"
 CSV_COLUMNS = ["mode", "implementation", "batch", "seq", "grad_ckpt", "step_s", "tokens_per_s", "peak_gib",
                "weights_gib", "trainable", "device", "torch", "bitsandbytes", "transformers", "peft", "date",
                "command"]
@@ -564,11 +565,13 @@ def _clone_state(state):
 
 # ---------------------------------------------------------------- output
 def data_text(name: str) -> str:
-    """A file of ``book/data/`` as text: from the checkout when there is one, else (e.g. on Colab,
-    where only the package is installed) downloaded from the repository. The data lives in one place."""
-    local = ROOT / "book" / "data" / name
-    if local.is_file():
-        return local.read_text()
+    """A file of ``book/data/`` as text: from the checkout the current directory is in (the root, or
+    ``book/`` where chapters run), else (e.g. on Colab, where only the package is installed)
+    downloaded from the repository. The data lives in one place."""
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        local = folder / "book" / "data" / name
+        if local.is_file():
+            return local.read_text()
     import urllib.request
 
     url = f"{RAW_DATA_URL}/{name}"
@@ -668,7 +671,10 @@ def main(argv=None) -> int:
     device, dtype = runtime.device, runtime.dtype
     # only a full GPU run may replace the book's data; anything else goes to the (ignored) build folder
     book_run = device.type == "cuda" and not args.quick and args.config in (None, "tinyllama")
-    out_dir = CSV_PATH.parent if book_run else ROOT / "_build" / "bench"
+    out_dir = CSV_PATH.parent if book_run else Path("_build") / "bench"
+    if book_run and not (args.csv and args.json) and not out_dir.is_dir():
+        parser.error(f"{out_dir}/ is not in {Path.cwd()}: run a full GPU run from the repository's root, "
+                     "or say where the results go with --csv and --json")
     args.csv = args.csv or out_dir / CSV_PATH.name
     args.json = args.json or out_dir / KERNELS_PATH.name
     config = bench_config(args.config or ("tiny" if args.quick else "tinyllama"))

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import weakref
+from pathlib import Path
 
 import bitsandbytes.functional as bnbF
 import pytest
@@ -160,7 +161,7 @@ def test_csv_round_trip(tmp_path):
 def test_repository_address_agrees_with_the_book_config():
     import re
 
-    config = (bench.ROOT / "_config.yml").read_text()
+    config = (Path(__file__).resolve().parent.parent / "_config.yml").read_text()
     assert re.search(r"^\s*url:\s*(\S+)", config, re.M).group(1) == bench.REPOSITORY
     assert bench.RAW_DATA_URL.startswith("https://raw.githubusercontent.com/") and bench.RAW_DATA_URL.endswith("/book/data")
 
