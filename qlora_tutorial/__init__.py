@@ -1,6 +1,6 @@
 """qlora_tutorial: the companion package of "QLoRA, built up by hand".
 
-Names are imported lazily, so ``python -m qlora_tutorial.dev`` works before torch is installed.
+Names are imported lazily: importing the package costs nothing until a name is used.
 """
 from __future__ import annotations
 
