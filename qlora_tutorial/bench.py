@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from . import memory
+from .lora import TARGET_PRESETS
 from .train import set_checkpointing  # non-reentrant: frozen embeddings still pass gradients to LoRA
 
 # Relative to the current directory: the installed package knows no checkout, so a book run is made
@@ -54,7 +55,7 @@ CSV_COLUMNS = ["mode", "implementation", "batch", "seq", "grad_ckpt", "step_s", 
 # (mode, implementation) in the order they run
 SETUPS = [("full", "torch"), ("lora", "ours"), ("lora", "peft"), ("qlora", "ours"), ("qlora", "peft")]
 # every linear layer of a Llama decoder layer (lm_head stays as it is, as PEFT's default does)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(TARGET_PRESETS["all"])
 GIB = 2 ** 30
 # The repository (as in _config.yml; a test checks they agree): where Colab readers get book/data/ from.
 REPOSITORY = "https://github.com/qlora-tutorial/qlora-tutorial"
@@ -115,7 +116,7 @@ def bench_config(name: str):
 
 
 def versions() -> dict:
-    from .doctor import versions as all_versions
+    from .device import versions as all_versions
 
     v = all_versions()
     return {k: v[k] for k in ("torch", "bitsandbytes", "transformers", "peft")}
