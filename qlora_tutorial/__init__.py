@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "Qlora_4_bit": "layer",
-    "quantize_model": "model",
-    "count_parameters": "model",
-    "print_trainable": "model",
+    "quantize_model": "quantize",
+    "count_parameters": "quantize",
+    "print_trainable": "quantize",
     "pick_device": "device",
     "seed_everything": "device",
     "start_chapter": "device",

@@ -34,7 +34,7 @@ from torch import nn
 
 from .layer import Qlora_4_bit
 from .lora import target_matches as matches
-from .model import quantize_model, wrapped_layers
+from .quantize import quantize_model, wrapped_layers
 
 FORMAT = "qlora_tutorial.adapter"
 FORMAT_VERSION = 1

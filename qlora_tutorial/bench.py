@@ -158,7 +158,7 @@ def build(mode: str, implementation: str, folder: Path, device: torch.device, dt
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.config.use_cache = False
     if implementation == "ours":
-        from .model import quantize_model
+        from .quantize import quantize_model
 
         quantize_model(model, TARGETS, alpha, r, use_qlora=(mode == "qlora"), compute_dtype=dtype)
     elif implementation == "peft":
@@ -334,7 +334,7 @@ def run_suite(config, shapes, grad_ckpt_options, setups, device, dtype, warmup=3
               profile_setups=(), log=print, command="python -m qlora_tutorial.bench", activations=True,
               on_setup_done=None) -> dict:
     """Measure every setup at every point; returns {'rows': CSV rows, 'extras': ..., 'failures': ...}."""
-    from .model import count_parameters
+    from .quantize import count_parameters
 
     v = versions()
     provenance = {"device": device_name(device), **v, "date": time.strftime("%Y-%m-%d", time.gmtime()),

@@ -207,7 +207,7 @@ def prepare_for(mode: str, r: int = 16, alpha: float = 32, dtype: torch.dtype = 
             for p in model.parameters():
                 p.requires_grad_(True)
             return model
-        from .model import quantize_model
+        from .quantize import quantize_model
 
         return quantize_model(model, "all", alpha, r, use_qlora=(mode == "qlora"), compute_dtype=dtype)
 
