@@ -9,7 +9,7 @@ no download; bf16 on a GPU; LoRA r=16, alpha=32 on every linear layer of the dec
   checkpointing; over a batch x sequence sweep. Per row: median step time after warm-up,
   tokens/s, peak allocated memory, weight memory, trainable parameters.
 * NF4 dequantization of one weight (4096 x 11008 by default): our from-scratch path
-  (``nf4.dequantize_nf4``, and a one-shot version eager and ``torch.compile``d) against
+  (``nf4.dequantize_nf4``, and ``nf4.dequantize_4bit_oneshot`` eager and ``torch.compile``d) against
   bitsandbytes' ``dequantize_4bit``, in GB/s and as a fraction of the measured copy bandwidth;
   and whether our CPU quantization gives the bytes bitsandbytes' kernel gives on the device.
 
@@ -432,20 +432,6 @@ def run_suite(config, shapes, grad_ckpt_options, setups, device, dtype, warmup=3
 
 
 # ---------------------------------------------------------------- NF4 dequantization
-def dequantize_nf4_oneshot(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                           shape, dtype: torch.dtype) -> torch.Tensor:
-    """``code[index] * absmax`` over the whole tensor at once (no chunks): what ``torch.compile`` fuses
-    into one kernel. Same result as ``nf4.dequantize_nf4`` (a test checks it); for a whole number of
-    blocks only."""
-    n = math.prod(shape)
-    if n % blocksize or n % 2:
-        raise ValueError(f"the one-shot path needs a whole number of blocks of {blocksize} values, got {n} values")
-    flat = packed.reshape(-1)
-    index = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1, blocksize)  # high nibble first
-    values = code[index.long()] * absmax.float().reshape(-1, 1)
-    return values.to(dtype).reshape(shape)
-
-
 def time_fn(fn, args_list, device: torch.device, warmup: int = 5, repeat: int = 30, inner: int = 10) -> float:
     """Median seconds per call of ``fn(*args)``, cycling through ``args_list`` (different buffers, so
     each call reads from memory, not from the cache).
@@ -534,9 +520,9 @@ def kernel_benchmark(device: torch.device, shape=(4096, 11008), dtype: torch.dty
 
     variants = [("bitsandbytes dequantize_4bit", lambda p, s: bnbF.dequantize_4bit(p, s), inputs_b),
                 ("ours nf4.dequantize_nf4 (eager, chunked)", nf4.dequantize_nf4, inputs_o),
-                ("ours one-shot (eager)", dequantize_nf4_oneshot, oneshot_args)]
+                ("ours one-shot (eager)", nf4.dequantize_4bit_oneshot, oneshot_args)]
     if compile:
-        variants.append(("ours one-shot (torch.compile)", torch.compile(dequantize_nf4_oneshot), oneshot_args))
+        variants.append(("ours one-shot (torch.compile)", torch.compile(nf4.dequantize_4bit_oneshot), oneshot_args))
     copy_bps = copy_bandwidth(device, copy_bytes) if device.type == "cuda" else float("nan")
     rows = []
     for name, fn, args_list in variants:
