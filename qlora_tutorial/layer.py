@@ -15,14 +15,13 @@ The LoRA math itself (scale, init, the low-rank branch, the (out, in) update) li
 """
 from __future__ import annotations
 
-import copy
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 
-from .lora import check_rank_alpha, delta_weight, init_lora_, lora_forward, lora_scale
+from . import lora
+from .lora import check_rank_alpha, init_lora_, lora_forward, lora_scale
 
 # Layers that bitsandbytes (or transformers' BitsAndBytesConfig) has already quantized.
 QUANTIZED_LINEAR_TYPES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
@@ -96,7 +95,7 @@ class Qlora_4_bit(nn.Module):
         else:
             # LoRA mode: the base *is* the given layer (no copy, its own dtype), frozen.
             self.quant_nn = linear
-        self.quantize_weight()
+        self.freeze_base()
 
         if self.require_lora:
             # Adapters are float32 "master" weights on the base's device; forward casts them to x.dtype.
@@ -138,7 +137,7 @@ class Qlora_4_bit(nn.Module):
         return q
 
     # ------------------------------------------------------------------ state
-    def quantize_weight(self) -> None:
+    def freeze_base(self) -> None:
         """Freeze the base layer (weight and bias): only ``W_a`` and ``W_b`` ever train."""
         for p in self.quant_nn.parameters():
             p.requires_grad_(False)
@@ -182,21 +181,20 @@ class Qlora_4_bit(nn.Module):
         w = self.quant_nn.weight
         if not getattr(w, "bnb_quantized", False):  # on meta: nothing was quantized yet
             return w.detach()
-        data, state = w.data, w.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # a layer repacked by bnb's CPU path
-            state = copy.deepcopy(state)
-            data, state = bnbF._convert_weight_packed_for_cpu_inverse(data.clone(), state)
-        return bnbF.dequantize_4bit(data, state)
+        # _make_4bit turns off bitsandbytes' CPU repacking, so the weight keeps the standard layout.
+        return bnbF.dequantize_4bit(w.data, w.quant_state)
 
     def delta_weight(self) -> torch.Tensor:
         """The LoRA update to the (out, in) weight, s * (W_a @ W_b)^T, in float32 (zeros without LoRA)."""
         if not self.require_lora:
             return torch.zeros(self.out_features, self.in_features, device=self.quant_nn.weight.device)
-        return delta_weight(self.W_a.detach().float(), self.W_b.detach().float(), self.scale)
+        return lora.delta_weight(self.W_a.detach().float(), self.W_b.detach().float(), self.scale)
 
     def merged_weight(self) -> torch.Tensor:
-        """The effective dense (out, in) weight in float32: base_weight() + delta_weight()."""
-        return self.base_weight().float() + self.delta_weight()
+        """The effective dense (out, in) weight in float32: base_weight() + delta_weight(), by ``lora.merge_weight``."""
+        if not self.require_lora:
+            return self.base_weight().float()
+        return lora.merge_weight(self.base_weight().float(), self.W_a.detach(), self.W_b.detach(), self.scale)
 
     def extra_repr(self) -> str:
         mode = ("QLoRA" if self.require_lora else "4-bit only") if self.use_qlora else (

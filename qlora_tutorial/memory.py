@@ -289,20 +289,3 @@ def prepare_for(mode: str, r: int = 16, alpha: float = 32, dtype: torch.dtype = 
         return quantize_model(model, "all", alpha, r, use_qlora=(mode == "qlora"), compute_dtype=dtype)
 
     return prepare
-
-
-def predicted_breakdown(config, mode: str, batch: int, seq: int, grad_ckpt: bool = False, r: int = 16,
-                        alpha: float = 32, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The memory of one training step of ``config``'s model in ``mode``, computed, in bytes.
-
-    Weights, gradients and AdamW states come from the model built on the ``meta`` device (shapes
-    only, nothing allocated); saved activations from ``activation_estimate``.
-    """
-    from .models import build_from_config
-
-    prepare = prepare_for(mode, r, alpha, dtype)
-    model = prepare(build_from_config(config, device="meta", dtype=dtype))
-    acts = activation_estimate(config, prepare, batch, seq, dtype=dtype, grad_ckpt=grad_ckpt)
-    out = breakdown(model, acts["activation_bytes"])
-    del model
-    return out
