@@ -1,6 +1,26 @@
 """qlora_tutorial: the companion package of "QLoRA, built up by hand".
 
-Names are imported lazily, so ``python -m qlora_tutorial.dev`` works before torch is installed.
+Each chapter runs code from here. Read the modules in this order; each one uses only those above it:
+
+    chapter (site number, file)       module       what it holds
+    2  book/01_lora                   lora         LoRA math: scale, init, update, merge, counts, targets
+    3  book/03_number_formats         formats      float formats; absmax, zero-point, blockwise int8
+    4  book/04_nf4                    nf4          the 4-bit codes (NF4, FP4, INT4), blockwise 4-bit
+    5  book/05_double_quant_memory    nf4          ... and the 8-bit code of double quantization
+    6  book/06_layer                  layer        Qlora_4_bit: a frozen (4-bit) base plus W_a, W_b
+    7  book/07_quantize_model         quantize     quantize_model, freezing, logical parameter counts
+    9  book/09_adapters               adapters     save/load, PEFT export/import, merge
+    8  book/08_finetune               train        the Trainer set-up, tokenising, evaluation
+    5, 8-10                           memory       the bytes of weights, gradients, optimizer states,
+                                                   activations (one rule for 4-bit weights)
+    10 book/10_memory_speed           bench        the measured memory and speed suite
+
+Around them: ``device`` (device, dtype, seeds, versions; every chapter's first cell), ``models``
+and ``data`` (the offline model and data, chapter 1 on), ``tasks`` and ``evaluate`` (the date task
+and perplexity, chapters 7 to 9), ``doctor`` (``python -m qlora_tutorial doctor``). The book's and
+CI's tooling is not part of the package: it lives in ``tools/`` of the repository.
+
+Names are imported lazily: importing the package costs nothing until a name is used.
 """
 from __future__ import annotations
 
@@ -11,9 +31,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "Qlora_4_bit": "layer",
-    "quantize_model": "model",
-    "count_parameters": "model",
-    "print_trainable": "model",
+    "quantize_model": "quantize",
+    "count_parameters": "quantize",
+    "print_trainable": "quantize",
     "pick_device": "device",
     "seed_everything": "device",
     "start_chapter": "device",

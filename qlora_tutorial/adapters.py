@@ -42,8 +42,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .layer import Qlora_4_bit, dequantize_base
+from .lora import lora_scale
 from .lora import target_matches as matches
-from .model import guard_save_pretrained, layer_settings, quantize_model, unchanged_on_error, wrapped_layers
+from .nf4 import unpack_4bit
+from .quantize import (guard_save_pretrained, layer_settings, linear_layers, name_list, quantize_model,
+                       unchanged_on_error, wrapped_layers)
 
 FORMAT = "qlora_tutorial.adapter"
 FORMAT_VERSION = 1
@@ -155,8 +158,7 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _list(names, limit: int = 4) -> str:
-    names = sorted(names)
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return name_list(sorted(names), limit)
 
 
 def load_adapter(model: nn.Module, path, use_qlora: bool | None = None) -> nn.Module:
@@ -204,7 +206,7 @@ def _check_adapter_fits(model: nn.Module, config: dict, tensors: dict) -> None:
         raise ValueError("the adapter does not fit the model's LoRA layers (" + "; ".join(parts) + "). Wrap the "
                          f"same layers as when it was saved (targets in {CONFIG_FILE}), or load it into a plain model.")
 
-    file_scale = _scale(config["alpha"], config["r"], config["rslora"])
+    file_scale = lora_scale(config["alpha"], config["r"], config["rslora"])
     for name, layer in layers.items():
         W_a, W_b = tensors[f"{name}.W_a"], tensors[f"{name}.W_b"]
         _check_pair(name, layer, W_a, W_b)
@@ -212,10 +214,6 @@ def _check_adapter_fits(model: nn.Module, config: dict, tensors: dict) -> None:
             raise ValueError(f"{name} has scale {layer.scale:g} but the adapter was trained with scale {file_scale:g} "
                              f"(alpha={config['alpha']}, r={config['r']}, rslora={config['rslora']}); "
                              "wrap the model with the adapter's alpha and rslora")
-
-
-def _scale(alpha, r, rslora) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def _check_pair(name: str, layer: Qlora_4_bit, W_a: torch.Tensor, W_b: torch.Tensor) -> None:
@@ -239,8 +237,7 @@ def _check_pair(name: str, layer: Qlora_4_bit, W_a: torch.Tensor, W_b: torch.Ten
 def _peft_targets(model: nn.Module, layers: dict[str, Qlora_4_bit]) -> list[str]:
     """Short names ("gate_proj") when they pick out exactly the wrapped layers, else the full names."""
     short = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))
-    hits = [q for q, m in model.named_modules() if isinstance(m, (nn.Linear, Qlora_4_bit))
-            and any(matches(q, s) for s in short) and not q.endswith(".quant_nn")]
+    hits = [q for q, _ in linear_layers(model) if any(matches(q, s) for s in short)]
     return short if set(hits) == set(layers) else list(layers)
 
 
@@ -323,8 +320,7 @@ def check_peft_config(config: dict) -> None:
 
 def _peft_targeted(model: nn.Module, target_modules) -> set[str]:
     """The linear layers PEFT's ``target_modules`` picks out (list: name or dotted tail; str: full regex)."""
-    names = [q for q, m in model.named_modules() if isinstance(m, (nn.Linear, Qlora_4_bit)) and q
-             and not q.endswith(".quant_nn")]
+    names = [q for q, _ in linear_layers(model)]
     if isinstance(target_modules, str):
         return {q for q in names if re.fullmatch(target_modules, q)}
     return {q for q in names if any(matches(q, t) for t in target_modules)}
@@ -462,11 +458,6 @@ def merge(model: nn.Module, requantize: bool = False, dtype: torch.dtype | None 
     return model
 
 
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    flat = packed.flatten()
-    return torch.stack([flat >> 4, flat & 0xF], dim=1).flatten()
-
-
 @torch.no_grad()
 def merge_errors(model: nn.Module, dtypes=(torch.float16, torch.bfloat16)) -> list[dict]:
     """How far each way of merging lands from the weight the adapted layer really computes with.
@@ -490,9 +481,10 @@ def merge_errors(model: nn.Module, dtypes=(torch.float16, torch.bfloat16)) -> li
         blocksize = getattr(w, "blocksize", 64)
         packed, state = bnbF.quantize_4bit(exact.contiguous(), blocksize=blocksize, quant_type=quant_type)
         stored[quant_type] = dequantize_base(packed, state).float()
-        if layer.is_quantized and not getattr(w.quant_state, "packing_format_for_cpu", False):
+        if layer.is_quantized:
             # Which 4-bit codes the requantized weight changes (two codes per byte: high, low nibble).
-            row["codes_changed"] = (_nibbles(packed) != _nibbles(w.data)).float().mean().item()
+            row["codes_changed"] = (unpack_4bit(packed, 2 * packed.numel()) != unpack_4bit(w.data, 2 * w.data.numel())
+                                    ).float().mean().item()
         for key, approx in stored.items():
             err = approx - exact
             row[f"{key}_error"] = err.norm().item()

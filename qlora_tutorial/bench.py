@@ -9,7 +9,7 @@ no download; bf16 on a GPU; LoRA r=16, alpha=32 on every linear layer of the dec
   checkpointing; over a batch x sequence sweep. Per row: median step time after warm-up,
   tokens/s, peak allocated memory, weight memory, trainable parameters.
 * NF4 dequantization of one weight (4096 x 11008 by default): our from-scratch path
-  (``nf4.dequantize_nf4``, and a one-shot version eager and ``torch.compile``d) against
+  (``nf4.dequantize_nf4``, and ``nf4.dequantize_4bit_oneshot`` eager and ``torch.compile``d) against
   bitsandbytes' ``dequantize_4bit``, in GB/s and as a fraction of the measured copy bandwidth;
   and whether our CPU quantization gives the bytes bitsandbytes' kernel gives on the device.
 
@@ -42,18 +42,20 @@ from pathlib import Path
 import torch
 
 from . import memory
+from .lora import TARGET_PRESETS
 from .train import set_checkpointing  # non-reentrant: frozen embeddings still pass gradients to LoRA
 
-ROOT = Path(__file__).resolve().parent.parent
-CSV_PATH = ROOT / "book" / "data" / "gpu_benchmark.csv"
-KERNELS_PATH = ROOT / "book" / "data" / "gpu_kernels.json"
+# Relative to the current directory: the installed package knows no checkout, so a book run is made
+# from the repository's root (or given --csv/--json).
+CSV_PATH = Path("book") / "data" / "gpu_benchmark.csv"
+KERNELS_PATH = Path("book") / "data" / "gpu_kernels.json"
 CSV_COLUMNS = ["mode", "implementation", "batch", "seq", "grad_ckpt", "step_s", "tokens_per_s", "peak_gib",
                "weights_gib", "trainable", "device", "torch", "bitsandbytes", "transformers", "peft", "date",
                "command"]
 # (mode, implementation) in the order they run
 SETUPS = [("full", "torch"), ("lora", "ours"), ("lora", "peft"), ("qlora", "ours"), ("qlora", "peft")]
 # every linear layer of a Llama decoder layer (lm_head stays as it is, as PEFT's default does)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(TARGET_PRESETS["all"])
 GIB = 2 ** 30
 # The repository (as in _config.yml; a test checks they agree): where Colab readers get book/data/ from.
 REPOSITORY = "https://github.com/qlora-tutorial/qlora-tutorial"
@@ -114,7 +116,7 @@ def bench_config(name: str):
 
 
 def versions() -> dict:
-    from .doctor import versions as all_versions
+    from .device import versions as all_versions
 
     v = all_versions()
     return {k: v[k] for k in ("torch", "bitsandbytes", "transformers", "peft")}
@@ -156,7 +158,7 @@ def build(mode: str, implementation: str, folder: Path, device: torch.device, dt
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.config.use_cache = False
     if implementation == "ours":
-        from .model import quantize_model
+        from .quantize import quantize_model
 
         quantize_model(model, TARGETS, alpha, r, use_qlora=(mode == "qlora"), compute_dtype=dtype)
     elif implementation == "peft":
@@ -332,7 +334,7 @@ def run_suite(config, shapes, grad_ckpt_options, setups, device, dtype, warmup=3
               profile_setups=(), log=print, command="python -m qlora_tutorial.bench", activations=True,
               on_setup_done=None) -> dict:
     """Measure every setup at every point; returns {'rows': CSV rows, 'extras': ..., 'failures': ...}."""
-    from .model import count_parameters
+    from .quantize import count_parameters
 
     v = versions()
     provenance = {"device": device_name(device), **v, "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -430,20 +432,6 @@ def run_suite(config, shapes, grad_ckpt_options, setups, device, dtype, warmup=3
 
 
 # ---------------------------------------------------------------- NF4 dequantization
-def dequantize_nf4_oneshot(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                           shape, dtype: torch.dtype) -> torch.Tensor:
-    """``code[index] * absmax`` over the whole tensor at once (no chunks): what ``torch.compile`` fuses
-    into one kernel. Same result as ``nf4.dequantize_nf4`` (a test checks it); for a whole number of
-    blocks only."""
-    n = math.prod(shape)
-    if n % blocksize or n % 2:
-        raise ValueError(f"the one-shot path needs a whole number of blocks of {blocksize} values, got {n} values")
-    flat = packed.reshape(-1)
-    index = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1, blocksize)  # high nibble first
-    values = code[index.long()] * absmax.float().reshape(-1, 1)
-    return values.to(dtype).reshape(shape)
-
-
 def time_fn(fn, args_list, device: torch.device, warmup: int = 5, repeat: int = 30, inner: int = 10) -> float:
     """Median seconds per call of ``fn(*args)``, cycling through ``args_list`` (different buffers, so
     each call reads from memory, not from the cache).
@@ -532,9 +520,9 @@ def kernel_benchmark(device: torch.device, shape=(4096, 11008), dtype: torch.dty
 
     variants = [("bitsandbytes dequantize_4bit", lambda p, s: bnbF.dequantize_4bit(p, s), inputs_b),
                 ("ours nf4.dequantize_nf4 (eager, chunked)", nf4.dequantize_nf4, inputs_o),
-                ("ours one-shot (eager)", dequantize_nf4_oneshot, oneshot_args)]
+                ("ours one-shot (eager)", nf4.dequantize_4bit_oneshot, oneshot_args)]
     if compile:
-        variants.append(("ours one-shot (torch.compile)", torch.compile(dequantize_nf4_oneshot), oneshot_args))
+        variants.append(("ours one-shot (torch.compile)", torch.compile(nf4.dequantize_4bit_oneshot), oneshot_args))
     copy_bps = copy_bandwidth(device, copy_bytes) if device.type == "cuda" else float("nan")
     rows = []
     for name, fn, args_list in variants:
@@ -564,11 +552,13 @@ def _clone_state(state):
 
 # ---------------------------------------------------------------- output
 def data_text(name: str) -> str:
-    """A file of ``book/data/`` as text: from the checkout when there is one, else (e.g. on Colab,
-    where only the package is installed) downloaded from the repository. The data lives in one place."""
-    local = ROOT / "book" / "data" / name
-    if local.is_file():
-        return local.read_text()
+    """A file of ``book/data/`` as text: from the checkout the current directory is in (the root, or
+    ``book/`` where chapters run), else (e.g. on Colab, where only the package is installed)
+    downloaded from the repository. The data lives in one place."""
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        local = folder / "book" / "data" / name
+        if local.is_file():
+            return local.read_text()
     import urllib.request
 
     url = f"{RAW_DATA_URL}/{name}"
@@ -668,7 +658,10 @@ def main(argv=None) -> int:
     device, dtype = runtime.device, runtime.dtype
     # only a full GPU run may replace the book's data; anything else goes to the (ignored) build folder
     book_run = device.type == "cuda" and not args.quick and args.config in (None, "tinyllama")
-    out_dir = CSV_PATH.parent if book_run else ROOT / "_build" / "bench"
+    out_dir = CSV_PATH.parent if book_run else Path("_build") / "bench"
+    if book_run and not (args.csv and args.json) and not out_dir.is_dir():
+        parser.error(f"{out_dir}/ is not in {Path.cwd()}: run a full GPU run from the repository's root, "
+                     "or say where the results go with --csv and --json")
     args.csv = args.csv or out_dir / CSV_PATH.name
     args.json = args.json or out_dir / KERNELS_PATH.name
     config = bench_config(args.config or ("tiny" if args.quick else "tinyllama"))

@@ -8,11 +8,15 @@ CUDA: bf16 where the GPU supports it (Ampere and newer), else fp16 (a Colab T4).
 """
 from __future__ import annotations
 
+import importlib.metadata as md
 import os
+import platform
 import random
 from dataclasses import dataclass
 
 import torch
+
+PACKAGES = ["torch", "bitsandbytes", "transformers", "accelerate", "peft", "datasets", "safetensors", "gguf"]
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,19 @@ def seed_everything(seed: int = 0) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def versions() -> dict[str, str]:
+    """Installed versions of the packages the book relies on ("missing" where absent)."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
 def start_chapter(seed: int = 0) -> Runtime:
     """What every chapter does first: pick device and dtype, print them with versions, seed."""
-    from .doctor import versions
-
     runtime = pick_device()
     v = versions()
     print(runtime)

@@ -1,21 +1,7 @@
 """What a bug report needs: versions, the device, and a live check that 4-bit NF4 works."""
 from __future__ import annotations
 
-import importlib.metadata as md
-import platform
-
-PACKAGES = ["torch", "bitsandbytes", "transformers", "accelerate", "peft", "datasets", "safetensors", "gguf"]
-
-
-def versions() -> dict[str, str]:
-    """Installed versions of the packages the book relies on ("missing" where absent)."""
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "missing"
-    return out
+from .device import pick_device, versions
 
 
 def check_4bit(device) -> str:
@@ -38,8 +24,6 @@ def check_4bit(device) -> str:
 
 
 def report() -> bool:
-    from .device import pick_device
-
     for name, version in versions().items():
         print(f"{name:>13}: {version}")
     runtime = pick_device()

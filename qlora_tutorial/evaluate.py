@@ -62,16 +62,10 @@ def fake_quantize_linears(model: nn.Module, targets, kind: str = "int4", blocksi
     formats bitsandbytes has no layer for (INT4), and to measure quality without bitsandbytes.
     Returns ``model``.
     """
-    from .lora import resolve_target_names, target_matches
+    from .lora import lora_targets
     from .nf4 import fake_quantize
 
-    names = resolve_target_names(targets)
-    hit = 0
-    for qualified, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(target_matches(qualified, t) for t in names):
-            w = module.weight
-            module.weight.copy_(fake_quantize(w.data, kind=kind, blocksize=blocksize, double_quant=double_quant).to(w.dtype))
-            hit += 1
-    if hit == 0:
-        raise ValueError(f"no nn.Linear in the model matches {names}")
+    for _, module in lora_targets(model, targets):  # every target must match a layer
+        w = module.weight
+        module.weight.copy_(fake_quantize(w.data, kind=kind, blocksize=blocksize, double_quant=double_quant).to(w.dtype))
     return model

@@ -23,14 +23,13 @@ quantization state), and ``load_state_dict`` reads all of it back, so a quantize
 """
 from __future__ import annotations
 
-import copy
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 
-from .lora import check_rank_alpha, delta_weight, init_lora_, lora_forward, lora_scale
+from . import lora
+from .lora import check_rank_alpha, init_lora_, lora_forward, lora_scale
 from .nf4 import BLOCKSIZES, State4bit, dequantize_nf4
 
 # What bitsandbytes' 4-bit quantizer takes (float64 and integer weights fail inside it).
@@ -113,9 +112,11 @@ def dequantize_base(data: torch.Tensor, state) -> torch.Tensor:
     Where bitsandbytes' CPU kernel is wrong (see ``needs_exact_cpu_dequantize``) the package's own
     dequantizer, bit-exact with bitsandbytes' flat block layout, does the work instead.
     """
-    if getattr(state, "packing_format_for_cpu", False):  # a layer repacked by bnb's CPU eval path
-        state = copy.deepcopy(state)
-        data, state = bnbF._convert_weight_packed_for_cpu_inverse(data.clone(), state)
+    if getattr(state, "packing_format_for_cpu", False):
+        # Qlora_4_bit turns bitsandbytes' CPU repacking off (see _make_4bit); a weight repacked
+        # elsewhere has another byte layout, which this function does not guess at.
+        raise ValueError("this 4-bit weight was repacked by bitsandbytes' CPU eval path (packing_format_for_cpu); "
+                         "dequantize it with bitsandbytes.functional.dequantize_4bit instead")
     if needs_exact_cpu_dequantize(data, state):
         return dequantize_nf4(data, State4bit.from_bnb(state))
     return bnbF.dequantize_4bit(data, state)
@@ -172,7 +173,7 @@ class Qlora_4_bit(nn.Module):
         else:
             # LoRA mode: the base *is* the given layer (no copy, its own dtype), frozen.
             self.quant_nn = linear
-        self.quantize_weight()
+        self.freeze_base()
 
         if self.require_lora:
             # Adapters are float32 "master" weights on the base's device; forward casts them to x.dtype.
@@ -221,7 +222,7 @@ class Qlora_4_bit(nn.Module):
         return q
 
     # ------------------------------------------------------------------ state
-    def quantize_weight(self) -> None:
+    def freeze_base(self) -> None:
         """Freeze the base layer (weight and bias): only ``W_a`` and ``W_b`` ever train."""
         for p in self.quant_nn.parameters():
             p.requires_grad_(False)
@@ -339,11 +340,13 @@ class Qlora_4_bit(nn.Module):
         """The LoRA update to the (out, in) weight, s * (W_a @ W_b)^T, in float32 (zeros without LoRA)."""
         if not self.require_lora:
             return torch.zeros(self.out_features, self.in_features, device=self.quant_nn.weight.device)
-        return delta_weight(self.W_a.detach().float(), self.W_b.detach().float(), self.scale)
+        return lora.delta_weight(self.W_a.detach().float(), self.W_b.detach().float(), self.scale)
 
     def merged_weight(self) -> torch.Tensor:
-        """The effective dense (out, in) weight in float32: base_weight() + delta_weight()."""
-        return self.base_weight().float() + self.delta_weight()
+        """The effective dense (out, in) weight in float32: base_weight() + delta_weight(), by ``lora.merge_weight``."""
+        if not self.require_lora:
+            return self.base_weight().float()
+        return lora.merge_weight(self.base_weight().float(), self.W_a.detach(), self.W_b.detach(), self.scale)
 
     def extra_repr(self) -> str:
         mode = ("QLoRA" if self.require_lora else "4-bit only") if self.use_qlora else (

@@ -16,14 +16,22 @@ At the peak of a training step the device holds
   decoder layers) and scales the result linearly to the real depth and number of tokens.
 * transient workspace: what exists only for a moment (a dequantized weight, the gradient of the
   logits, matmul workspaces); it is what the measured peak has beyond the four above.
+
+Every byte count of a 4-bit weight comes from one rule: the packed bytes (half a byte per weight)
+plus the tensors of its quantization state (absmax; the 16-value code; with double quantization the
+8-bit absmax codes' own absmax2, offset and 256-value code). ``quantized_nbytes`` computes it from a
+count of weights, ``bnb_nbytes`` reads it off the tensors; a test checks that they agree.
 """
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
+
+from .nf4 import BLOCKSIZE2, State4bit
 
 GIB = 2 ** 30
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq
@@ -33,36 +41,105 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def quant_state_bytes(p) -> int:
-    """Bytes of the quantization constants a bitsandbytes 4-bit parameter keeps beside its packed data."""
-    state = getattr(p, "quant_state", None)
-    if state is None:
-        return 0
-    total = tensor_bytes(state.absmax) + tensor_bytes(state.code)
-    if getattr(state, "state2", None) is not None:
-        total += tensor_bytes(state.state2.absmax) + tensor_bytes(state.state2.code) + tensor_bytes(state.offset)
-    return total
+# ---------------------------------------------------------------- 4-bit weights
+def bits_per_param(blocksize: int = 64, double_quant: bool = False, blocksize2: int = BLOCKSIZE2) -> float:
+    """Storage per weight: 4 bits plus its share of the block constants.
+
+    Without double quantization one float32 per block: 4 + 32/blocksize (4.5 for 64). With it one
+    byte per block plus one float32 per blocksize2 blocks: 4 + 8/blocksize + 32/(blocksize*blocksize2).
+    """
+    if double_quant:
+        return 4 + 8 / blocksize + 32 / (blocksize * blocksize2)
+    return 4 + 32 / blocksize
 
 
-def weight_bytes(model: nn.Module, blocksize: int = 64) -> int:
+def quantized_nbytes(numel: int, blocksize: int = 64, double_quant: bool = False,
+                     blocksize2: int = BLOCKSIZE2) -> dict:
+    """Exact bytes bitsandbytes keeps for one quantized tensor of ``numel`` values.
+
+    packed: ceil(n/2); absmax: 4 per block (or 1 per block with double quantization, plus 4 per
+    ``blocksize2`` blocks and a 4-byte offset); code tables: the 16-value 4-bit code (64 bytes) and,
+    with double quantization, the 256-value dynamic code (1 KiB), stored with every tensor.
+    """
+    blocks = -(-numel // blocksize)
+    out = {"packed": (numel + 1) // 2, "code": 16 * 4}
+    if double_quant:
+        out.update(absmax=blocks, absmax2=4 * -(-blocks // blocksize2), offset=4, code2=256 * 4)
+    else:
+        out.update(absmax=4 * blocks)
+    out["total"] = sum(out.values())
+    return out
+
+
+def model_weight_bytes(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
+                       skip: tuple[str, ...] = ("lm_head",), other_bytes_per_param: int = 2) -> dict:
+    """The weight memory of a model whose Linear layers are NF4, the rest kept in 16 bits.
+
+    Linear layers whose name ends in one of ``skip`` stay unquantized (transformers keeps
+    ``lm_head`` in 16 bits by default); embeddings, norms, biases take ``other_bytes_per_param``.
+    Works on a model built on the ``meta`` device: only shapes are read. Shared (tied) parameters
+    count once. Returns parameter counts and bytes: ``quantized_params``, ``other_params``,
+    ``packed_bytes``, ``constant_bytes`` (absmax and everything double quantization adds),
+    ``other_bytes``, ``total_bytes`` and ``bits_per_quantized_param``.
+    """
+    quantized = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(name.endswith(s) for s in skip):
+            quantized.add(id(module.weight))
+    seen = set()
+    q_params = other_params = packed = constants = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if id(param) in quantized:
+            sizes = quantized_nbytes(param.numel(), blocksize, double_quant)
+            q_params += param.numel()
+            packed += sizes["packed"]
+            constants += sizes["total"] - sizes["packed"]
+        else:
+            other_params += param.numel()
+    other = other_params * other_bytes_per_param
+    return {
+        "quantized_params": q_params, "other_params": other_params,
+        "packed_bytes": packed, "constant_bytes": constants, "other_bytes": other,
+        "total_bytes": packed + constants + other,
+        "bits_per_quantized_param": 8 * (packed + constants) / max(q_params, 1),
+    }
+
+
+def bnb_nbytes(packed: torch.Tensor, state) -> dict:
+    """Bytes of every tensor of a 4-bit quantization: ``packed`` and its state, a bitsandbytes
+    ``QuantState`` or our ``nf4.State4bit`` (the same tensors)."""
+    if isinstance(state, State4bit):
+        state = state.to_bnb()
+    out = {"packed": tensor_bytes(packed), "absmax": tensor_bytes(state.absmax), "code": tensor_bytes(state.code)}
+    if state.state2 is not None:
+        out.update(absmax2=tensor_bytes(state.state2.absmax), offset=tensor_bytes(state.offset),
+                   code2=tensor_bytes(state.state2.code))
+    out["total"] = sum(out.values())
+    return out
+
+
+# ---------------------------------------------------------------- a model's memory
+def weight_bytes(model: nn.Module) -> int:
     """Bytes the model holds at rest: parameters and buffers as stored, plus 4-bit quantization constants.
 
     Shared (tied) tensors count once. A packed 4-bit weight stores half a byte per logical weight.
     A 4-bit weight not quantized yet (a model built on the ``meta`` device to plan memory) counts
-    what bitsandbytes will store: ``nf4.quantized_nbytes`` of its logical size.
+    what bitsandbytes will store: ``quantized_nbytes`` of its logical size.
     """
-    from .nf4 import quantized_nbytes
-
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in seen:
             continue
         seen.add(id(t))
-        if type(t).__name__ == "Params4bit" and not getattr(t, "bnb_quantized", False):
-            total += quantized_nbytes(t.numel(), getattr(t, "blocksize", blocksize),
-                                      bool(getattr(t, "compress_statistics", False)))["total"]
+        if isinstance(t, bnb.nn.Params4bit) and t.quant_state is not None:
+            total += bnb_nbytes(t, t.quant_state)["total"]
+        elif isinstance(t, bnb.nn.Params4bit):  # not quantized yet: what bitsandbytes will store
+            total += quantized_nbytes(t.numel(), t.blocksize, bool(t.compress_statistics))["total"]
         else:
-            total += tensor_bytes(t) + quant_state_bytes(t)
+            total += tensor_bytes(t)
     return total
 
 
@@ -207,26 +284,8 @@ def prepare_for(mode: str, r: int = 16, alpha: float = 32, dtype: torch.dtype = 
             for p in model.parameters():
                 p.requires_grad_(True)
             return model
-        from .bench import TARGETS
-        from .model import quantize_model
+        from .quantize import quantize_model
 
-        return quantize_model(model, TARGETS, alpha, r, use_qlora=(mode == "qlora"), compute_dtype=dtype)
+        return quantize_model(model, "all", alpha, r, use_qlora=(mode == "qlora"), compute_dtype=dtype)
 
     return prepare
-
-
-def predicted_breakdown(config, mode: str, batch: int, seq: int, grad_ckpt: bool = False, r: int = 16,
-                        alpha: float = 32, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The memory of one training step of ``config``'s model in ``mode``, computed, in bytes.
-
-    Weights, gradients and AdamW states come from the model built on the ``meta`` device (shapes
-    only, nothing allocated); saved activations from ``activation_estimate``.
-    """
-    from .models import build_from_config
-
-    prepare = prepare_for(mode, r, alpha, dtype)
-    model = prepare(build_from_config(config, device="meta", dtype=dtype))
-    acts = activation_estimate(config, prepare, batch, seq, dtype=dtype, grad_ckpt=grad_ckpt)
-    out = breakdown(model, acts["activation_bytes"])
-    del model
-    return out

@@ -1,5 +1,9 @@
 """NF4 by hand, byte for byte what bitsandbytes stores.
 
+This module holds the 4-bit codes (NF4, and FP4 and INT4 to compare it with), blockwise 4-bit
+quantization with its packing, and the signed 8-bit dynamic code of double quantization. What the
+results cost in bytes is counted in ``qlora_tutorial.memory``.
+
 The recipe (QLoRA, Dettmers et al. 2023), as bitsandbytes 0.50 runs it on the CPU:
 
 1. Cut the flattened weight into blocks of ``blocksize`` (64) consecutive values; the last block
@@ -13,11 +17,13 @@ The recipe (QLoRA, Dettmers et al. 2023), as bitsandbytes 0.50 runs it on the CP
 5. Double quantization (optional) stores the absmax constants in 8 bits: subtract their mean,
    quantize blocks of 256 with the signed 8-bit dynamic code and a 65,536-entry lookup table.
 
-Dequantization is ``code[index] * absmax`` in float32, cast to the weight's dtype.
+Dequantization is ``code[index] * absmax`` in float32, cast to the weight's dtype:
+``dequantize_4bit_oneshot`` writes it as three tensor operations on the whole tensor.
 
-Everything runs in chunks of about two million values, so quantizing a weight needs its output plus
-a few chunk-sized temporaries (8 MiB each), whatever its size: no weight-sized copies, and never a
-distance from every value to every code value (n x 16 numbers), the naive way to find the nearest.
+The package runs both directions in chunks of about two million values, so quantizing a weight
+needs its output plus a few chunk-sized temporaries (8 MiB each), whatever its size: no weight-sized
+copies, and never a distance from every value to every code value (n x 16 numbers), the naive way to
+find the nearest. The chunk loop is a thin outer loop: each chunk runs the same few operations.
 """
 from __future__ import annotations
 
@@ -118,11 +124,8 @@ def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
 
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The first ``n`` 4-bit indices of ``packed`` (uint8), high nibble first."""
-    packed = packed.reshape(-1)
-    indices = torch.empty(2 * packed.numel(), dtype=torch.uint8, device=packed.device)
-    indices[0::2] = packed >> 4
-    indices[1::2] = packed & 0x0F
-    return indices[:n]
+    flat = packed.reshape(-1)
+    return torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n]
 
 
 # ------------------------------------------------------------------ input checks
@@ -176,8 +179,7 @@ def quantize_4bit(weight: torch.Tensor, code: torch.Tensor = NF4_CODE, blocksize
         index = torch.bucketize(scaled.reshape(-1), bounds, out_int32=True)
         if sorted_indices:
             index = order[index]
-        index = index.to(torch.uint8)
-        packed[first // 2: first // 2 + index.numel() // 2] = (index[0::2] << 4) | index[1::2]
+        packed[first // 2: first // 2 + index.numel() // 2] = pack_4bit(index)
 
     for start in range(0, full, CHUNK):
         x = flat[start:min(start + CHUNK, full)].float().view(-1, blocksize)  # float32 input: a view, no copy
@@ -202,10 +204,29 @@ def quantize_4bit(weight: torch.Tensor, code: torch.Tensor = NF4_CODE, blocksize
 
 
 @torch.no_grad()
+def dequantize_4bit_oneshot(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                            shape, dtype: torch.dtype) -> torch.Tensor:
+    """``code[index] * absmax`` over the whole tensor at once: unpack, look up, scale by the block's absmax.
+
+    The teaching copy of dequantization (and what ``torch.compile`` fuses into one kernel); it
+    needs temporaries the size of the weight. ``dequantize_4bit`` runs it chunk by chunk.
+    """
+    shape = torch.Size(shape)
+    n = shape.numel()
+    values = code.float()[unpack_4bit(packed, n).long()]
+    if n % blocksize:  # the shorter last block: pad it, so that every block is one row
+        values = torch.nn.functional.pad(values, (0, blocksize - n % blocksize))
+    values = values.view(-1, blocksize) * absmax.float().view(-1, 1)
+    return values.view(-1)[:n].to(dtype).view(shape)
+
+
+@torch.no_grad()
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                    shape, dtype: torch.dtype) -> torch.Tensor:
-    """``code[index] * absmax`` per block in float32, cast to ``dtype`` and shaped ``shape``."""
+                    shape, dtype: torch.dtype, chunk: int = CHUNK) -> torch.Tensor:
+    """``dequantize_4bit_oneshot``, checked, in chunks of ``chunk`` values (a multiple of ``blocksize``)."""
     check_blocksize(blocksize)
+    if chunk <= 0 or chunk % blocksize:
+        raise ValueError(f"chunk must be a positive multiple of blocksize {blocksize}, got {chunk}")
     shape = torch.Size(shape)
     n = shape.numel()
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
@@ -214,16 +235,14 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if absmax.numel() != -(-n // blocksize):
         raise ValueError(f"absmax has {absmax.numel()} entries, expected {-(-n // blocksize)} "
                          f"blocks of {blocksize} for shape {tuple(shape)}")
-    code = code.to(packed.device, torch.float32)
-    absmax = absmax.float()
+    code = code.to(packed.device)
     flat_packed = packed.reshape(-1)
     out = torch.empty(n, dtype=dtype, device=packed.device)
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        index = unpack_4bit(flat_packed[start // 2: (stop + 1) // 2], stop - start)
-        values = code[index.long()]
-        scale = absmax[start // blocksize: -(-stop // blocksize)].repeat_interleave(blocksize)[: stop - start]
-        out[start:stop] = (values * scale).to(dtype)
+    for start in range(0, n, chunk):  # chunks start on a block boundary and an even value
+        stop = min(start + chunk, n)
+        out[start:stop] = dequantize_4bit_oneshot(flat_packed[start // 2: (stop + 1) // 2],
+                                                  absmax[start // blocksize: -(-stop // blocksize)],
+                                                  code, blocksize, (stop - start,), dtype)
     return out.view(shape)
 
 
@@ -339,15 +358,6 @@ class State4bit:
             return double_dequantize(self.absmax, self.offset, self.absmax2, self.blocksize2)
         return self.absmax
 
-    def tensors(self) -> dict:
-        """Every tensor this state holds, by name (what it costs in memory)."""
-        names = ["absmax", "code"] + (["offset", "absmax2", "code2"] if self.double_quant else [])
-        return {name: getattr(self, name) for name in names}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
     def to_bnb(self):
         """The same state as a ``bitsandbytes.functional.QuantState`` (tensors shared, not copied)."""
         from bitsandbytes.functional import QuantState
@@ -387,14 +397,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     return _quantize(weight, "nf4", blocksize, double_quant)
 
 
-def quantize_fp4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False
-                 ) -> tuple[torch.Tensor, State4bit]:
-    """The same with bitsandbytes' FP4 code (``quant_type="fp4"``)."""
-    return _quantize(weight, "fp4", blocksize, double_quant)
-
-
 def dequantize_nf4(packed: torch.Tensor, state: State4bit) -> torch.Tensor:
-    """The weight back from ``quantize_nf4`` (or ``quantize_fp4``): input's dtype and shape."""
+    """The weight back from ``quantize_nf4``: input's dtype and shape."""
     return dequantize_4bit(packed, state.block_absmax(), state.code, state.blocksize, state.shape, state.dtype)
 
 
@@ -413,184 +417,3 @@ def fake_quantize(weight: torch.Tensor, kind: str = "nf4", blocksize: int = 64, 
     if double_quant:
         absmax = double_dequantize(*double_quantize(absmax))
     return dequantize_4bit(packed, absmax, code, blocksize, weight.shape, weight.dtype)
-
-
-# ------------------------------------------------------------------ memory arithmetic
-def bits_per_param(blocksize: int = 64, double_quant: bool = False, blocksize2: int = BLOCKSIZE2) -> float:
-    """Storage per weight: 4 bits plus its share of the block constants.
-
-    Without double quantization one float32 per block: 4 + 32/blocksize (4.5 for 64). With it one
-    byte per block plus one float32 per blocksize2 blocks: 4 + 8/blocksize + 32/(blocksize*blocksize2).
-    """
-    if double_quant:
-        return 4 + 8 / blocksize + 32 / (blocksize * blocksize2)
-    return 4 + 32 / blocksize
-
-
-def quantized_nbytes(numel: int, blocksize: int = 64, double_quant: bool = False,
-                     blocksize2: int = BLOCKSIZE2) -> dict:
-    """Exact bytes bitsandbytes keeps for one quantized tensor of ``numel`` values.
-
-    packed: ceil(n/2); absmax: 4 per block (or 1 per block with double quantization, plus 4 per
-    ``blocksize2`` blocks and a 4-byte offset); code tables: the 16-value 4-bit code (64 bytes) and,
-    with double quantization, the 256-value dynamic code (1 KiB), stored with every tensor.
-    """
-    blocks = -(-numel // blocksize)
-    out = {"packed": (numel + 1) // 2, "code": 16 * 4}
-    if double_quant:
-        out.update(absmax=blocks, absmax2=4 * -(-blocks // blocksize2), offset=4, code2=256 * 4)
-    else:
-        out.update(absmax=4 * blocks)
-    out["total"] = sum(out.values())
-    return out
-
-
-def model_weight_bytes(model: torch.nn.Module, blocksize: int = 64, double_quant: bool = True,
-                       skip: tuple[str, ...] = ("lm_head",), other_bytes_per_param: int = 2) -> dict:
-    """The weight memory of a model whose Linear layers are NF4, the rest kept in 16 bits.
-
-    Linear layers whose name ends in one of ``skip`` stay unquantized (transformers keeps
-    ``lm_head`` in 16 bits by default); embeddings, norms, biases take ``other_bytes_per_param``.
-    Works on a model built on the ``meta`` device: only shapes are read. Shared (tied) parameters
-    count once. Returns parameter counts and bytes: ``quantized_params``, ``other_params``,
-    ``packed_bytes``, ``constant_bytes`` (absmax and everything double quantization adds),
-    ``other_bytes``, ``total_bytes`` and ``bits_per_quantized_param``.
-    """
-    quantized = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not any(name.endswith(s) for s in skip):
-            quantized.add(id(module.weight))
-    seen = set()
-    q_params = other_params = packed = constants = 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        if id(param) in quantized:
-            sizes = quantized_nbytes(param.numel(), blocksize, double_quant)
-            q_params += param.numel()
-            packed += sizes["packed"]
-            constants += sizes["total"] - sizes["packed"]
-        else:
-            other_params += param.numel()
-    other = other_params * other_bytes_per_param
-    return {
-        "quantized_params": q_params, "other_params": other_params,
-        "packed_bytes": packed, "constant_bytes": constants, "other_bytes": other,
-        "total_bytes": packed + constants + other,
-        "bits_per_quantized_param": 8 * (packed + constants) / max(q_params, 1),
-    }
-
-
-def bnb_nbytes(packed: torch.Tensor, state) -> dict:
-    """Bytes of every tensor a bitsandbytes quantization returned (``packed``, ``QuantState``)."""
-    out = {"packed": packed.numel() * packed.element_size(),
-           "absmax": state.absmax.numel() * state.absmax.element_size(),
-           "code": state.code.numel() * state.code.element_size()}
-    if state.state2 is not None:
-        out.update(absmax2=state.state2.absmax.numel() * state.state2.absmax.element_size(),
-                   offset=state.offset.numel() * state.offset.element_size(),
-                   code2=state.state2.code.numel() * state.state2.code.element_size())
-    out["total"] = sum(out.values())
-    return out
-
-
-# ------------------------------------------------------------------ benchmark: python -m qlora_tutorial.nf4
-def _peak_rss_of(method: str, shape: tuple[int, int], double_quant: bool, repeats: int = 5) -> dict:
-    """Run one quantization in this (fresh) process; report its time and peak extra resident memory."""
-    import resource
-    import time
-
-    import bitsandbytes.functional as bnbf
-
-    def run(w):
-        if method == "ours":
-            return quantize_nf4(w, double_quant=double_quant)
-        return bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=double_quant)
-
-    run(torch.randn(4096))  # warm up both code paths
-    torch.manual_seed(0)
-    weight = torch.randn(shape).mul_(0.02)  # in place: no second weight-sized tensor before the baseline
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    run(weight)
-    first = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = [first]
-    for _ in range(repeats - 1):
-        start = time.perf_counter()
-        run(weight)
-        times.append(time.perf_counter() - start)
-    return {"method": method, "double_quant": double_quant, "seconds_min": min(times), "seconds_all": times,
-            "peak_extra_MiB": (peak_kib - base_kib) / 1024, "weight_MiB": weight.numel() * 4 / 2 ** 20}
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def benchmark(shape=(4096, 11008)) -> list[dict]:
-    """Time ours and bitsandbytes' CPU path on a float32 weight; each run in its own process so
-    peak memory (ru_maxrss) is not shared."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    rows = []
-    for method in ("ours", "bitsandbytes"):
-        for dq in (False, True):
-            code = (f"import json; from qlora_tutorial.nf4 import _peak_rss_of; "
-                    f"print(json.dumps(_peak_rss_of({method!r}, {tuple(shape)!r}, {dq})))")
-            out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return rows
-
-
-def benchmark_record(shape=(4096, 11008)) -> dict:
-    """``benchmark(shape)`` with its provenance: machine, versions, date, machine load, command."""
-    import os
-    import platform
-    import time
-
-    import bitsandbytes
-
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    rows = benchmark(shape)
-    return {
-        "provenance": {
-            "command": "python -m qlora_tutorial.nf4 --save",
-            "date": time.strftime("%Y-%m-%d"),
-            "device": f"CPU ({_cpu_name()}), {torch.get_num_threads()} torch threads",
-            "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-            "python": platform.python_version(),
-            "load_average_1min_before": load,  # other work on the machine slows the timings
-            "what": f"NF4 quantization of a {shape[0]}x{shape[1]} float32 weight (randn * 0.02): best of 5 runs, "
-                    "peak resident memory above the process's level before the first run (ru_maxrss)",
-        },
-        "rows": rows,
-    }
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-    from pathlib import Path
-
-    record = benchmark_record()
-    for row in record["rows"]:
-        print(f"{row['method']:>13} double_quant={row['double_quant']!s:5}: {row['seconds_min']:.3f} s, "
-              f"peak extra {row['peak_extra_MiB']:.0f} MiB (weight {row['weight_MiB']:.0f} MiB)")
-    if "--save" in sys.argv:
-        path = Path(__file__).resolve().parent.parent / "book" / "data" / "nf4_quantize_benchmark.json"
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {path}")

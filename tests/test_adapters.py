@@ -9,7 +9,7 @@ from torch import nn
 
 from qlora_tutorial import adapters, quantize_model
 from qlora_tutorial.layer import Qlora_4_bit
-from qlora_tutorial.model import wrapped_layers
+from qlora_tutorial.quantize import wrapped_layers
 from qlora_tutorial.models import tiny_llama
 
 MLP = ["gate_proj", "up_proj", "down_proj"]

@@ -1,5 +1,5 @@
 """The notebook executor's normalisation, and the chapter list it runs."""
-from qlora_tutorial import dev
+from tools import dev
 
 
 def test_normalise_strips_timestamps_and_paths():

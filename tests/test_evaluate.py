@@ -73,5 +73,5 @@ def test_fake_quantize_linears_changes_only_the_targets():
 
 
 def test_fake_quantize_linears_needs_a_match():
-    with pytest.raises(ValueError, match="no nn.Linear in the model matches"):
+    with pytest.raises(ValueError, match="matches no nn.Linear in the model"):
         fake_quantize_linears(nn.Sequential(nn.ReLU()), ["q_proj"])

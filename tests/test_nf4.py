@@ -13,9 +13,9 @@ import torch._dynamo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qlora_tutorial import nf4
-from qlora_tutorial.nf4 import (DYNAMIC_CODE, FP4_CODE, INT4_CODE, NF4_CODE, State4bit, bits_per_param,
-                                dequantize_nf4, fake_quantize, quantize_nf4)
+from qlora_tutorial import memory, nf4
+from qlora_tutorial.nf4 import (DYNAMIC_CODE, FP4_CODE, INT4_CODE, NF4_CODE, State4bit, dequantize_nf4,
+                                fake_quantize, quantize_nf4)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -161,6 +161,23 @@ def test_many_chunks_are_bit_exact():
     assert torch.equal(dequantize_nf4(packed, state), F.dequantize_4bit(p_bnb, s_bnb))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(96, 256), (7, 45)])  # whole blocks; a short last block and an odd count
+def test_chunked_dequantize_equals_the_oneshot_teaching_copy(dtype, shape):
+    torch.manual_seed(0)
+    weight = (torch.randn(shape) * 0.02).to(dtype)
+    packed, state = quantize_nf4(weight)
+    oneshot = nf4.dequantize_4bit_oneshot(packed, state.absmax, state.code, 64, shape, dtype)
+    assert oneshot.dtype == dtype and oneshot.shape == weight.shape
+    assert torch.equal(oneshot, dequantize_nf4(packed, state))
+    chunked = nf4.dequantize_4bit(packed, state.absmax, state.code, 64, shape, dtype, chunk=128)  # several chunks
+    assert torch.equal(chunked, oneshot)
+    if shape[1] % 64 == 0:
+        assert torch.equal(oneshot, F.dequantize_4bit(packed, state.to_bnb()))
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        nf4.dequantize_4bit(packed, state.absmax, state.code, 64, shape, dtype, chunk=100)
+
+
 # ------------------------------------------------------------------ double quantization
 def test_lookup_table_path_matches_bitsandbytes_blockwise():
     g = torch.Generator().manual_seed(1)
@@ -202,7 +219,9 @@ def test_double_quant_saves_bytes_and_keeps_absmax_close():
     assert rel < 0.05
     packed, _ = quantize_nf4(w, double_quant=True)
     assert (dequantize_nf4(packed, double).view(-1)[128:192] == 0).all()  # its codes still say 0
-    assert double.nbytes < plain.nbytes / 3
+    constants = {name: memory.bnb_nbytes(packed, state)["total"] - packed.numel() for name, state in
+                 (("plain", plain), ("double", double))}
+    assert constants["double"] < constants["plain"] / 3
 
 
 # ------------------------------------------------------------------ bitsandbytes can use our state
@@ -287,28 +306,30 @@ def test_fake_quantize_matches_round_trips():
 
 # ------------------------------------------------------------------ memory arithmetic
 def test_bits_per_param():
-    assert bits_per_param(64) == 4.5
-    assert bits_per_param(64, double_quant=True) == 4 + 8 / 64 + 32 / (64 * 256)
-    assert bits_per_param(64) - bits_per_param(64, double_quant=True) == pytest.approx(0.373, abs=1e-3)
+    assert memory.bits_per_param(64) == 4.5
+    assert memory.bits_per_param(64, double_quant=True) == 4 + 8 / 64 + 32 / (64 * 256)
+    assert memory.bits_per_param(64) - memory.bits_per_param(64, double_quant=True) == pytest.approx(0.373, abs=1e-3)
 
 
 @pytest.mark.parametrize("numel", [1, 63, 64, 65, 4096, 64 * 256 + 1, 100_001])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_quantized_nbytes_is_what_bitsandbytes_allocates(numel, double_quant):
     p, s = F.quantize_4bit(torch.randn(numel), compress_statistics=double_quant, quant_type="nf4")
-    assert nf4.quantized_nbytes(numel, 64, double_quant) == nf4.bnb_nbytes(p, s)
+    assert memory.quantized_nbytes(numel, 64, double_quant) == memory.bnb_nbytes(p, s)
+    ours_p, ours_s = quantize_nf4(torch.randn(numel), double_quant=double_quant)
+    assert memory.bnb_nbytes(ours_p, ours_s) == memory.bnb_nbytes(p, s)  # our State4bit counts the same
 
 
 def test_model_weight_bytes_matches_bitsandbytes_on_a_model():
     from qlora_tutorial.models import tiny_llama
 
     model = tiny_llama()
-    calc = nf4.model_weight_bytes(model, double_quant=True)
+    calc = memory.model_weight_bytes(model, double_quant=True)
     total_q, q_params, other = 0, 0, 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
             p, s = F.quantize_4bit(module.weight.data, compress_statistics=True, quant_type="nf4")
-            total_q += nf4.bnb_nbytes(p, s)["total"]
+            total_q += memory.bnb_nbytes(p, s)["total"]
             q_params += module.weight.numel()
     other = sum(p.numel() for p in model.parameters()) - q_params
     assert calc["quantized_params"] == q_params and calc["other_params"] == other

@@ -30,7 +30,7 @@ def test_executed_in_order(path):
     assert None not in counts, f"{path.name}: {counts.count(None)} code cell(s) never executed"
     assert counts == list(range(1, len(counts) + 1)), (
         f"{path.name}: execution counts {counts} are not 1..{len(counts)}; "
-        "re-run it with `python3 -m qlora_tutorial.dev execute book/{path.name}`"
+        "re-run it with `python3 tools/dev.py execute book/{path.name}`"
     )
 
 

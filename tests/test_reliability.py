@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qlora_tutorial import Qlora_4_bit, adapters, quantize_model
-from qlora_tutorial.model import wrapped_layers
+from qlora_tutorial.quantize import wrapped_layers
 from qlora_tutorial.models import tiny_llama
 from qlora_tutorial.nf4 import dequantize_nf4, quantize_nf4
 

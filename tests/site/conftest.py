@@ -1,7 +1,7 @@
 """Fixtures for the site tests: the built site served on 127.0.0.1, and Debian's Chromium.
 
 The tests read the site the way a reader does: `_build/html` (made by
-`python3 -m qlora_tutorial.dev book`, which `dev test` runs before these tests) is served by a
+`python3 tools/dev.py book`, which `dev test` runs before these tests) is served by a
 local HTTP server bound to 127.0.0.1 that stops itself, and headless Chromium from Debian's
 package (/usr/bin/chromium, installed by `dev setup`) is driven by Playwright. Playwright's own
 browser download is never used. Every request the pages make to anything but the local server is
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_tutorial import site
+from tools import book_site as site
 
 ROOT = site.ROOT
 HTML = ROOT / "_build" / "html"
@@ -39,7 +39,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="session")
 def built_site() -> Path:
     if not (HTML / "index.html").exists():
-        pytest.fail(f"{HTML} holds no built site: run `python3 -m qlora_tutorial.dev book` first")
+        pytest.fail(f"{HTML} holds no built site: run `python3 tools/dev.py book` first")
     return HTML
 
 
@@ -66,7 +66,7 @@ def base_url(built_site):
 @pytest.fixture(scope="session")
 def browser():
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: run `python3 -m qlora_tutorial.dev setup` "
+        pytest.fail(f"no Chromium at {CHROMIUM}: run `python3 tools/dev.py setup` "
                     "(it installs Debian's chromium), or set QLORA_CHROMIUM to a Chromium binary")
     from playwright.sync_api import sync_playwright
 

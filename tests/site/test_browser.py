@@ -13,7 +13,7 @@ import re
 import pytest
 import yaml
 
-from qlora_tutorial import site
+from tools import book_site as site
 
 PAGES = site.pages()
 REPO_URL = site.config()["repository"]["url"]

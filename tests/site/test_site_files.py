@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from qlora_tutorial import site
+from tools import book_site as site
 
 ROOT = site.ROOT
 README = (ROOT / "README.md").read_text()
@@ -38,7 +38,7 @@ def test_readme_lists_every_chapter_with_its_colab_badge():
     section = site.readme_section(README, site.README_CHAPTERS)
     assert section is not None, f"README.md has no '{site.README_CHAPTERS}' section"
     assert section.strip() == site.readme_chapters().strip(), (
-        "README's chapter list is not the table of contents: run `python3 -m qlora_tutorial.site readme`")
+        "README's chapter list is not the table of contents: run `python3 tools/book_site.py readme`")
     for page in NOTEBOOKS:
         assert f"]({site.colab_url(page)})" in section
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from qlora_tutorial import Qlora_4_bit, count_parameters, print_trainable, quantize_model
 from qlora_tutorial.lora import lora_param_count
-from qlora_tutorial.model import linear_names, lora_parameters, wrapped_layers
+from qlora_tutorial.quantize import linear_names, lora_parameters, wrapped_layers
 from qlora_tutorial.models import build_from_config, tiny_llama, tinyllama_config
 
 MLP = ["gate_proj", "up_proj", "down_proj"]

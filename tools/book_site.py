@@ -1,6 +1,6 @@
 """The published site: its own assets, and the facts about it that the README and the tests share.
 
-``prepare()`` runs before ``jupyter-book build`` (``python3 -m qlora_tutorial.dev book`` calls it).
+``prepare()`` runs before ``jupyter-book build`` (``python3 tools/dev.py book`` calls it).
 It puts in place what the site serves itself instead of taking it from a CDN, so that the site works
 for readers behind a firewall and in the tests, which run with no network:
 
@@ -11,7 +11,7 @@ for readers behind a firewall and in the tests, which run with no network:
 
 The rest answers questions about the site from ``_config.yml`` and ``_toc.yml``, the one place each
 fact lives: the pages in reading order, the published URL, a chapter's Colab link, and the README's
-chapter list, which ``python3 -m qlora_tutorial.site readme`` rewrites from the table of contents.
+chapter list, which ``python3 tools/book_site.py readme`` rewrites from the table of contents.
 Only the standard library and PyYAML (a dependency of Jupyter Book) are used.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _mathjax_tarball() -> Path:
         if npm is None:
             raise RuntimeError("npm is missing: the site serves MathJax from the npm package `mathjax`. "
                                "Install npm (Debian: apt-get install npm), or run "
-                               "`python3 -m qlora_tutorial.dev setup`, which does.")
+                               "`python3 tools/dev.py setup`, which does.")
         NPM_CACHE.mkdir(parents=True, exist_ok=True)
         log(f"downloading mathjax@{MATHJAX_VERSION} with npm")
         subprocess.run([npm, "pack", f"mathjax@{MATHJAX_VERSION}", "--pack-destination", str(NPM_CACHE),
@@ -312,7 +312,7 @@ def readme_chapters() -> str:
     """The README's "Chapters" section: each chapter by part, with its page and a Colab badge."""
     lines = [README_CHAPTERS, "",
              "Each chapter is a page of the site and a notebook in `book/`; the badge opens it in Colab.",
-             "This list is made from `_toc.yml` by `python3 -m qlora_tutorial.site readme`.", ""]
+             "This list is made from `_toc.yml` by `python3 tools/book_site.py readme`.", ""]
     site = published_url()
     part = None
     for page in pages()[1:]:
@@ -350,5 +350,5 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["readme"]:
         write_readme()
     else:
-        print("usage: python3 -m qlora_tutorial.site prepare|readme")
+        print("usage: python3 tools/book_site.py prepare|readme")
         raise SystemExit(2)

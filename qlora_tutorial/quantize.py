@@ -24,15 +24,23 @@ from .lora import check_rank_alpha, resolve_target_names, target_matches
 # ---------------------------------------------------------------- targets
 # Target names (presets "mlp" / "attention" / "all", plain or dotted names) are resolved and matched
 # by qlora_tutorial.lora: resolve_target_names and target_matches.
+def linear_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of every linear layer in ``module``, in model order: each ``nn.Linear``
+    and each ``Qlora_4_bit``, but not the base layer inside a ``Qlora_4_bit`` (its ``quant_nn``)."""
+    bases = {id(m.quant_nn) for m in module.modules() if isinstance(m, Qlora_4_bit)}
+    return [(q, m) for q, m in module.named_modules()
+            if q and isinstance(m, (nn.Linear, Qlora_4_bit)) and id(m) not in bases]
+
+
 def linear_names(module: nn.Module) -> list[str]:
     """The distinct names of the linear layers in ``module`` (wrapped ones included), in model order."""
-    names = []
-    for qualified, child in module.named_modules():
-        if isinstance(child, (nn.Linear, Qlora_4_bit)) and qualified and not qualified.endswith(".quant_nn"):
-            last = qualified.rsplit(".", 1)[-1]
-            if last not in names:
-                names.append(last)
-    return names
+    return list(dict.fromkeys(q.rsplit(".", 1)[-1] for q, _ in linear_layers(module)))
+
+
+def name_list(names, limit: int = 4) -> str:
+    """'a, b, c, d and 5 more': the first ``limit`` names, for an error message."""
+    names = list(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def wrapped_layers(module: nn.Module) -> list[str]:
@@ -55,8 +63,7 @@ def _check_not_prequantized(module: nn.Module) -> None:
                          "load it without quantization_config and let quantize_model quantize it")
     found = [q for _, _, q, c in _walk(module) if isinstance(c, QUANTIZED_LINEAR_TYPES)]
     if found:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise ValueError(f"the model already holds bitsandbytes-quantized layers ({shown}), e.g. because it was "
+        raise ValueError(f"the model already holds bitsandbytes-quantized layers ({name_list(found, 3)}), e.g. because it was "
                          "loaded with a BitsAndBytesConfig; load it without quantization_config and let "
                          "quantize_model quantize it")
 
@@ -155,7 +162,7 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
             _check_same_config(child, qualified, settings)
             continue
         if not isinstance(child, nn.Linear):
-            inner = dict.fromkeys(n.rsplit(".", 1)[-1] for n, c in child.named_modules() if n and isinstance(c, nn.Linear))
+            inner = linear_names(child)
             hint = f"; name its linear layers instead: {', '.join(inner)}" if inner else ""
             raise TypeError(f"target {hits[0]!r} matches {qualified}, a {type(child).__name__}, not an nn.Linear{hint}")
         if owners.get(id(child.weight), 0) > 1:

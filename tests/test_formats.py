@@ -1,10 +1,10 @@
-"""qlora_tutorial.quant: float formats against torch.finfo, absmax int8 error bounds, bad input."""
+"""qlora_tutorial.formats: float formats against torch.finfo, absmax int8 error bounds, bad input."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qlora_tutorial.quant import (absmax_dequantize, absmax_quantize, blockwise_dequantize, blockwise_quantize,
+from qlora_tutorial.formats import (absmax_dequantize, absmax_quantize, blockwise_dequantize, blockwise_quantize,
                                   float_format, mse, zeropoint_dequantize, zeropoint_quantize)
 
 

@@ -1,12 +1,13 @@
 """The project's two commands (and the notebook executor), with their own setup.
 
-    python3 -m qlora_tutorial.dev book      # build the book into _build/html
-    python3 -m qlora_tutorial.dev test      # every test: package, notebooks (nbval), site, browser
-    python3 -m qlora_tutorial.dev execute [book/NN_name.ipynb ...]   # re-run chapters, write outputs
+    python3 tools/dev.py book      # build the book into _build/html
+    python3 tools/dev.py test      # every test: package, notebooks (nbval), site, browser
+    python3 tools/dev.py execute [book/NN_name.ipynb ...]   # re-run chapters, write outputs
 
 Each command first makes sure that ``.venv`` holds the pinned requirements (``.ci/constraints.txt``)
 and the offline model, and then re-runs itself inside that environment. This file imports nothing
-outside the standard library at the top, so it works on a fresh machine with only Python 3.
+outside the standard library at the top, so it works on a fresh machine with only Python 3. It lives
+in ``tools/``, outside the installed package: readers who ``pip install`` the package do not get it.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ PY = VENV / "bin" / "python"
 BOOK = ROOT / "book"
 STAMP = VENV / ".qlora-setup"
 SETUP_INPUTS = ["requirements.txt", ".ci/constraints.txt", ".ci/requirements-dev.txt", "pyproject.toml",
-                "qlora_tutorial/dev.py"]
+                "tools/dev.py"]
 # QLORA_UNPINNED=1 (the weekly drift workflow): the newest releases instead of .ci/constraints.txt.
 UNPINNED = os.environ.get("QLORA_UNPINNED") == "1"
 # Debian packages the site needs, by the program each one provides: Chromium for the browser test
@@ -107,17 +108,15 @@ def in_venv() -> bool:
 
 
 def reexec(args: list[str]) -> None:
-    """Run this module again inside .venv with the offline environment."""
+    """Run this script again inside .venv with the offline environment."""
     env = {**os.environ, **OFFLINE_ENV}
-    os.execve(str(PY), [str(PY), "-m", "qlora_tutorial.dev", *args], env)
+    os.execve(str(PY), [str(PY), str(Path(__file__).resolve()), *args], env)
 
 
 # ---------------------------------------------------------------- book
 def site_assets() -> None:
     """Assets the site serves itself (no CDN); filled in by the site's build steps."""
-    from . import site
-
-    site.prepare()
+    run([PY, Path(__file__).with_name("book_site.py"), "prepare"])
 
 
 def book() -> None:
