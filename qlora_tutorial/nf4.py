@@ -279,7 +279,9 @@ def quantize_8bit(x: torch.Tensor, blocksize: int = BLOCKSIZE2, code: torch.Tens
     absmax = padded.abs().amax(dim=1)
     zero = absmax == 0
     scaled = padded * torch.where(zero, 0.0, 1.0 / absmax).unsqueeze(1)
-    scaled.clamp_(-1, 1)
+    # A subnormal absmax has an infinite reciprocal: values go to +-inf (clamped to +-1, as in
+    # bitsandbytes), and the zeros that pad the last block to 0 * inf = NaN, which would index nothing.
+    scaled.nan_to_num_(nan=0.0).clamp_(-1, 1)
     if lut:
         table = DYNAMIC_LUT if code is DYNAMIC_CODE else build_lookup_table(code)
         point = (((scaled + 1.0) * 0.5) * (LUT_SIZE - 1) + 0.5).long()  # float -> int truncates, like the C cast

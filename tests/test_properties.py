@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qlora_tutorial import Qlora_4_bit, adapters, quantize_model
-from qlora_tutorial.nf4 import (BLOCKSIZES, NF4_CODE, State4bit, dequantize_nf4, midpoints, quantize_fp4,
+from qlora_tutorial import nf4
+from qlora_tutorial.nf4 import (BLOCKSIZES, NF4_CODE, State4bit, dequantize_nf4, midpoints,
                                 quantize_nf4)
 
 from .test_nf4 import assert_same_state, bnb_reference_dequant
@@ -110,8 +111,8 @@ def test_layer_is_exact_and_round_trips(data, in_features, out_features, blocksi
     if require_lora:
         with torch.no_grad():
             layer.W_b.normal_()
-    quantize = quantize_nf4 if quant_type == "nf4" else quantize_fp4
-    packed, state = quantize(lin.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+    # nf4._quantize is what quantize_nf4 calls, for either 4-bit code
+    packed, state = nf4._quantize(lin.weight.detach(), quant_type, blocksize, double_quant)
     exact = dequantize_nf4(packed, state)
     assert torch.equal(layer.quant_nn.weight.data, packed)
     assert torch.equal(layer.base_weight(), exact)
