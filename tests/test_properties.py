@@ -121,7 +121,11 @@ def test_layer_is_exact_and_round_trips(data, in_features, out_features, blocksi
     expected = x @ exact.float().T + (lin.bias.float() if bias else 0)
     if require_lora:
         expected = expected + layer.scale * (x @ layer.W_a) @ layer.W_b
-    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4 * (1 + expected.abs().max().item()))
+    # bitsandbytes' CPU forward of a 16-bit weight is not a float32 matmul of the dequantized weight:
+    # measured differences reach the storage dtype's rounding (3e-3 for bfloat16 at |y| ~ 1), so the
+    # bound there is that dtype's precision; float32 weights are held to 1e-4.
+    tol = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(layer(x), expected, rtol=tol, atol=tol * (1 + expected.abs().max().item()))
 
     fresh = Qlora_4_bit(in_features, out_features, alpha=4, r=2, bias=bias, dtype=dtype, **kwargs)
     fresh.load_state_dict(layer.state_dict(), strict=True)
