@@ -22,6 +22,7 @@ import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 
+from .fast import base_forward
 from .lora import check_rank_alpha, delta_weight, init_lora_, lora_forward, lora_scale
 
 # Layers that bitsandbytes (or transformers' BitsAndBytesConfig) has already quantized.
@@ -66,7 +67,7 @@ class Qlora_4_bit(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, alpha: float, r: int,
                  require_lora: bool = True, use_qlora: bool = True, *, bias: bool = True,
-                 rslora: bool = False, compress_statistics: bool = False,
+                 rslora: bool = False, compress_statistics: bool = True,
                  compute_dtype: torch.dtype | None = None, quant_type: str = "nf4",
                  blocksize: int = 64, device=None, dtype: torch.dtype | None = None,
                  linear: nn.Linear | None = None):
@@ -165,7 +166,7 @@ class Qlora_4_bit(nn.Module):
                 f"in_features={self.in_features} is not a multiple of the 4-bit blocksize "
                 f"{self.quant_nn.weight.blocksize}: bitsandbytes' CPU 4-bit kernel dequantizes such "
                 "layers with the wrong block scales. Run this layer on CUDA, or use use_qlora=False.")
-        out = self.quant_nn(x)
+        out = base_forward(self.quant_nn, x)  # our NF4 kernel on CUDA / under torch.compile (fast.py)
         if self.require_lora:
             out = out + lora_forward(x, self.W_a, self.W_b, self.scale)
         return out
