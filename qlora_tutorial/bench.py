@@ -32,6 +32,7 @@ import csv
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -488,11 +489,12 @@ def parse_speed_setups(text: str) -> list[Setup]:
 # the default speed comparison: every setup in every mode that applies; optimizer variants for memory
 # (most important first: a run cut short by its time budget still has them)
 DEFAULT_SPEED_SETUPS = ",".join(
-    ["qlora/ours/cudagraphs", "lora/ours/cudagraphs", "qlora/peft/compile", "qlora/peft/eager", "qlora/ours/compile",
-     "lora/ours/compile", "lora/peft/compile", "qlora/ours/eager", "lora/ours/eager", "lora/peft/eager",
-     "full/torch-amp", "full/torch", "qlora/peft/cudagraphs", "lora/peft/cudagraphs",
+    ["qlora/ours/compile", "lora/ours/compile", "qlora/peft/compile", "lora/peft/compile", "qlora/ours/eager",
+     "lora/ours/eager", "qlora/peft/eager", "lora/peft/eager", "full/torch-amp", "full/torch",
      "qlora/ours/eager/paged_adamw", "qlora/ours/eager/adamw8bit", "full/torch-amp/eager/adamw8bit",
-     "full/torch-amp/eager/paged_adamw8bit"])
+     "full/torch-amp/eager/paged_adamw8bit",
+     # last: a recording that fails leaves the CUDA random generator unusable for later setups' init
+     "qlora/ours/cudagraphs", "lora/ours/cudagraphs", "qlora/peft/cudagraphs", "lora/peft/cudagraphs"])
 
 
 def make_optimizer(name: str, params, capturable: bool = False, lr: float = 1e-5):
@@ -547,7 +549,9 @@ class Prepared:
         self.input_ids = torch.randint(0, self.model.config.vocab_size, (point.batch, point.seq), device=device,
                                        generator=generator)
         t0 = time.perf_counter()
-        if setup.compiled != "eager":
+        # cudagraphs records the compiled model, unless QLORA_BENCH_CUDAGRAPHS_OVER=eager says to record it eager
+        over = os.environ.get("QLORA_BENCH_CUDAGRAPHS_OVER", "compile")
+        if setup.compiled == "compile" or (setup.compiled == "cudagraphs" and over == "compile"):
             fast.compile_for_training(self.model)
         self.optimizer = make_optimizer(setup.optimizer, memory.trainable_parameters(self.model),
                                         capturable=setup.compiled == "cudagraphs")
@@ -573,12 +577,13 @@ class Prepared:
 def run_rounds(config, point: Point, setups: list[Setup], device, dtype, rounds: int = 5, steps: int = 10,
                warmup: int = 3, profile_steps_per_round: int = 3, r: int = 16, alpha: float = 32, log=print,
                command: str = "python -m qlora_tutorial.bench --speed", on_round_done=None,
-               time_budget_s: float | None = None) -> dict:
+               time_budget_s: float | None = None, profile_rounds=(0,)) -> dict:
     """Every setup built once and kept resident, then timed in ``rounds`` interleaved rounds.
 
     In each round every setup runs ``steps`` steps, each timed on the wall clock (the GPU
-    synchronised around it), in an order that rotates from round to round; then the profiler
-    records ``profile_steps_per_round`` more to get the GPU's busy time. A row reports the median
+    synchronised around it), in an order that rotates from round to round; in the rounds listed in
+    ``profile_rounds`` the profiler then records ``profile_steps_per_round`` more to get the GPU's
+    busy time (the GPU's work per step hardly varies; the profiler's start-up costs seconds). A row reports the median
     over rounds of each round's median step, its spread (largest minus smallest round median), and
     the median GPU-busy time. Slow drifts of the host (other load, clocks) hit every setup alike.
 
@@ -626,7 +631,7 @@ def run_rounds(config, point: Point, setups: list[Setup], device, dtype, rounds:
                     _sync(device)
                     per_step.append(time.perf_counter() - t0)
                 times[p.setup].append(statistics.median(per_step))
-                if profile_steps_per_round:
+                if profile_steps_per_round and k in profile_rounds:
                     gpu[p.setup].append(gpu_busy_ms(p.step, profile_steps_per_round, device))
             except Exception as exc:
                 failures.append({"setup": p.setup.label, "what": f"round {k}", "error": f"{type(exc).__name__}: {exc}"[:800]})
@@ -997,7 +1002,10 @@ def speed_main(args, config, shape, device, dtype, warmup, steps, kernel_shape, 
                     "the profiler's device time per step (kernels and copies, idle gaps excluded), median over "
                     "rounds. peak_gib: torch.cuda.max_memory_allocated over preparation and warm-up, minus what "
                     "was allocated before the setup was built; bitsandbytes' paged optimizers keep their states "
-                    "in CUDA managed memory, which PyTorch's allocator does not count."}
+                    "in CUDA managed memory, which PyTorch's allocator does not count. compiled=cudagraphs: the "
+                    "whole step recorded with fast.CapturedStep over the model as QLORA_BENCH_CUDAGRAPHS_OVER "
+                    "says (compile: fast.compile_for_training first; eager: not compiled).",
+            "cudagraphs_over": os.environ.get("QLORA_BENCH_CUDAGRAPHS_OVER", "compile")}
     result = {"provenance": {"device": device_name(device), **versions(),
                              "date": time.strftime("%Y-%m-%d", time.gmtime()), "command": command, **meta}}
     old_rows = read_csv(args.csv) if args.csv.is_file() else []

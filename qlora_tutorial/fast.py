@@ -170,7 +170,9 @@ class CapturedStep:
         torch.cuda.current_stream().wait_stream(side)
         optimizer.zero_grad(set_to_none=True)  # gradients are created inside the graph's memory
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a CUDA call from another thread (torch.compile's workers, for one) must not
+        # invalidate the recording; only this thread's work is recorded either way
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.loss = self._step()
 
     def _step(self) -> torch.Tensor:
