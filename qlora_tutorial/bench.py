@@ -555,9 +555,24 @@ class Prepared:
             fast.compile_for_training(self.model)
         self.optimizer = make_optimizer(setup.optimizer, memory.trainable_parameters(self.model),
                                         capturable=setup.compiled == "cudagraphs")
+        self.note = None
         if setup.compiled == "cudagraphs":
-            self.captured = fast.CapturedStep(self.model, self.optimizer, warmup=warmup, autocast=self.autocast,
-                                              input_ids=self.input_ids, labels=self.input_ids)
+            try:
+                self.captured = fast.CapturedStep(self.model, self.optimizer, warmup=warmup, autocast=self.autocast,
+                                                  input_ids=self.input_ids, labels=self.input_ids)
+            except Exception as exc:
+                if over != "compile":
+                    raise
+                # recording the compiled model failed: record the eager one instead, and say so
+                self.note = f"recorded eager: recording the compiled model failed with {type(exc).__name__}: {exc}"[:600]
+                del self.optimizer, self.model
+                _free(device)
+                self.model = build(setup.mode, setup.implementation, folder, device, dtype, r=r, alpha=alpha)
+                self.model.train()
+                self.optimizer = make_optimizer(setup.optimizer, memory.trainable_parameters(self.model),
+                                                capturable=True)
+                self.captured = fast.CapturedStep(self.model, self.optimizer, warmup=warmup, autocast=self.autocast,
+                                                  input_ids=self.input_ids, labels=self.input_ids)
             self.step = lambda: self.captured(input_ids=self.input_ids, labels=self.input_ids)
         else:
             self.step = lambda: train_step(self.model, self.optimizer, self.input_ids, self.autocast)
@@ -613,6 +628,8 @@ def run_rounds(config, point: Point, setups: list[Setup], device, dtype, rounds:
                 _free(device)
                 continue
             prepared.append(p)
+            if p.note:
+                failures.append({"setup": setup.label, "what": "note", "error": p.note})
             log(f"[{setup.label}] ready in {p.prepare_s:.1f} s: weights {p.weights / GIB:.3f} GiB, "
                 f"peak {p.peak / GIB:.3f} GiB, loss {p.loss:.3f}")
     result = {"rows": [], "failures": failures, "provenance": provenance}

@@ -170,10 +170,18 @@ class CapturedStep:
         torch.cuda.current_stream().wait_stream(side)
         optimizer.zero_grad(set_to_none=True)  # gradients are created inside the graph's memory
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: a CUDA call from another thread (torch.compile's workers, for one) must not
-        # invalidate the recording; only this thread's work is recorded either way
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.loss = self._step()
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        saved = generator.clone_state()
+        try:
+            # thread_local: a CUDA call from another thread (torch.compile's workers, for one) must not
+            # invalidate the recording; only this thread's work is recorded either way
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.loss = self._step()
+        except Exception:
+            # a failed recording leaves the default random generator in capture mode, and every later
+            # random draw on the GPU would fail: give it back its state from before
+            generator.graphsafe_set_state(saved)
+            raise
 
     def _step(self) -> torch.Tensor:
         if self.autocast is not None:
