@@ -567,7 +567,11 @@ class Prepared:
                 self.note = f"recorded eager: recording the compiled model failed with {type(exc).__name__}: {exc}"[:600]
                 del self.optimizer, self.model
                 _free(device)
+                if device.type == "cuda":  # the failed attempt's peak is not this setup's
+                    torch.cuda.reset_peak_memory_stats(device)
                 self.model = build(setup.mode, setup.implementation, folder, device, dtype, r=r, alpha=alpha)
+                _free(device)
+                self.weights = _allocated(device) - base
                 self.model.train()
                 self.optimizer = make_optimizer(setup.optimizer, memory.trainable_parameters(self.model),
                                                 capturable=True)
@@ -669,7 +673,8 @@ def _speed_row(p: Prepared, round_times: list, round_gpu: list, point: Point, de
     s = p.setup
     return {"mode": s.mode, "implementation": s.implementation, "compiled": s.compiled, "optimizer": s.optimizer,
             "batch": point.batch, "seq": point.seq, "grad_ckpt": point.grad_ckpt, "step_s": round(step_s, 5),
-            "step_s_spread": round(max(round_times) - min(round_times), 5),
+            # a spread needs two rounds at least: one round leaves it empty rather than 0
+            "step_s_spread": round(max(round_times) - min(round_times), 5) if len(round_times) > 1 else "",
             "gpu_ms_per_step": round(statistics.median(busy), 3) if busy else "",
             "tokens_per_s": round(point.batch * point.seq / step_s, 1),
             "peak_gib": round(p.peak / GIB, 4) if device.type == "cuda" else "",
