@@ -17,6 +17,8 @@ Every setup loads the same random weights (saved once to a temporary folder), so
 only in the setup. Results: a CSV (one row per measurement, with provenance: device, versions,
 date, command) and a JSON with the kernel numbers and per-row extras (memory breakdown, profile).
 
+    python -m qlora_tutorial.bench --speed          # interleaved speed rounds: eager / compile / cudagraphs,
+                                                    # GPU-busy time, torch-amp, paged and 8-bit AdamW
     python -m qlora_tutorial.bench --profile        # the full suite on a CUDA GPU -> book/data/
     python -m qlora_tutorial.bench --quick          # a tiny model and tiny shapes, any device -> _build/bench/
 
