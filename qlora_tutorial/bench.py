@@ -17,6 +17,8 @@ Every setup loads the same random weights (saved once to a temporary folder), so
 only in the setup. Results: a CSV (one row per measurement, with provenance: device, versions,
 date, command) and a JSON with the kernel numbers and per-row extras (memory breakdown, profile).
 
+    python -m qlora_tutorial.bench --speed          # interleaved speed rounds: eager / compile / cudagraphs,
+                                                    # GPU-busy time, torch-amp, paged and 8-bit AdamW
     python -m qlora_tutorial.bench --profile        # the full suite on a CUDA GPU -> book/data/
     python -m qlora_tutorial.bench --quick          # a tiny model and tiny shapes, any device -> _build/bench/
 
@@ -32,6 +34,7 @@ import csv
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -49,11 +52,17 @@ from .train import set_checkpointing  # non-reentrant: frozen embeddings still p
 # from the repository's root (or given --csv/--json).
 CSV_PATH = Path("book") / "data" / "gpu_benchmark.csv"
 KERNELS_PATH = Path("book") / "data" / "gpu_kernels.json"
-CSV_COLUMNS = ["mode", "implementation", "batch", "seq", "grad_ckpt", "step_s", "tokens_per_s", "peak_gib",
-               "weights_gib", "trainable", "device", "torch", "bitsandbytes", "transformers", "peft", "date",
-               "command"]
-# (mode, implementation) in the order they run
-SETUPS = [("full", "torch"), ("lora", "ours"), ("lora", "peft"), ("qlora", "ours"), ("qlora", "peft")]
+CSV_COLUMNS = ["mode", "implementation", "compiled", "optimizer", "batch", "seq", "grad_ckpt", "step_s",
+               "step_s_spread", "gpu_ms_per_step", "tokens_per_s", "peak_gib", "weights_gib", "trainable", "device",
+               "torch", "bitsandbytes", "transformers", "peft", "date", "command"]
+# what identifies a row: a later run replaces the rows of an earlier one with the same key
+ROW_KEY = ("mode", "implementation", "compiled", "optimizer", "batch", "seq", "grad_ckpt")
+# (mode, implementation) in the order they run. "torch": pure bf16 weights and bf16 AdamW;
+# "torch-amp": what practitioners run, float32 master weights, bf16 autocast, float32 AdamW.
+SETUPS = [("full", "torch"), ("full", "torch-amp"), ("lora", "ours"), ("lora", "peft"), ("qlora", "ours"),
+          ("qlora", "peft")]
+COMPILED = ("eager", "compile", "cudagraphs")
+OPTIMIZERS = ("adamw", "paged_adamw", "adamw8bit", "paged_adamw8bit")
 # every linear layer of a Llama decoder layer (lm_head stays as it is, as PEFT's default does)
 TARGETS = list(TARGET_PRESETS["all"])
 GIB = 2 ** 30
@@ -150,11 +159,13 @@ def build(mode: str, implementation: str, folder: Path, device: torch.device, dt
 
     if (mode, implementation) not in SETUPS:
         raise ValueError(f"unknown setup {mode}/{implementation}; choose from {SETUPS}")
-    kwargs = {"dtype": dtype, "device_map": {"": str(device)}, "attn_implementation": "sdpa"}
+    # mixed precision keeps float32 weights; autocast computes in `dtype` (see train_step)
+    kwargs = {"dtype": torch.float32 if implementation == "torch-amp" else dtype, "device_map": {"": str(device)},
+              "attn_implementation": "sdpa"}
     if (mode, implementation) == ("qlora", "peft"):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=False)  # our layer's default: absmax kept in float32
+            bnb_4bit_use_double_quant=True)  # QLoRA as the paper defines it, and our layer's default
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.config.use_cache = False
     if implementation == "ours":
@@ -190,16 +201,24 @@ def _allocated(device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------- one measurement
-def train_step(model, optimizer, input_ids) -> float:
-    """Forward with the language-model loss, backward, AdamW step, gradients freed."""
-    loss = model(input_ids=input_ids, labels=input_ids).loss
+def train_step(model, optimizer, input_ids, autocast: torch.dtype | None = None) -> torch.Tensor:
+    """Forward with the language-model loss, backward, AdamW step, gradients freed.
+
+    ``autocast``: run the forward (and the loss) under ``torch.autocast`` in that dtype (mixed precision).
+    """
+    if autocast is not None:
+        with torch.autocast(input_ids.device.type, dtype=autocast):
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+    else:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
-def measure(model, point: Point, device: torch.device, warmup: int = 3, steps: int = 10, seed: int = 0) -> dict:
+def measure(model, point: Point, device: torch.device, warmup: int = 3, steps: int = 10, seed: int = 0,
+            autocast: torch.dtype | None = None) -> dict:
     """Train ``warmup + steps`` steps on random tokens; median step time and peak memory.
 
     The optimizer is created fresh (its states appear at the first step, inside the measured peak)
@@ -225,7 +244,7 @@ def measure(model, point: Point, device: torch.device, warmup: int = 3, steps: i
     def timed_step():
         _sync(device)
         start = time.perf_counter()
-        losses.append(train_step(model, optimizer, input_ids))
+        losses.append(train_step(model, optimizer, input_ids, autocast))
         _sync(device)
         times.append(time.perf_counter() - start)
 
@@ -378,15 +397,17 @@ def run_suite(config, shapes, grad_ckpt_options, setups, device, dtype, warmup=3
             for point in points:
                 label = f"[{mode}/{impl}] batch {point.batch} x seq {point.seq}, grad_ckpt={point.grad_ckpt}"
                 try:
-                    m = measure(model, point, device, warmup=warmup, steps=steps)
+                    m = measure(model, point, device, warmup=warmup, steps=steps,
+                                autocast=dtype if impl == "torch-amp" else None)
                 except Exception as exc:  # e.g. out of memory: record it and go on
                     failures.append({"setup": f"{mode}/{impl}", "point": point.__dict__,
                                      "error": f"{type(exc).__name__}: {exc}"[:500]})
                     log(f"{label}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
                     _free(device)
                     continue
-                row = {"mode": mode, "implementation": impl, "batch": point.batch, "seq": point.seq,
-                       "grad_ckpt": point.grad_ckpt, "step_s": round(m["step_s"], 5),
+                row = {"mode": mode, "implementation": impl, "compiled": "eager", "optimizer": "adamw",
+                       "batch": point.batch, "seq": point.seq, "grad_ckpt": point.grad_ckpt,
+                       "step_s": round(m["step_s"], 5), "step_s_spread": "", "gpu_ms_per_step": "",
                        "tokens_per_s": round(m["tokens_per_s"], 1),
                        "peak_gib": round(m["peak_bytes"] / GIB, 4) if device.type == "cuda" else "",
                        "weights_gib": round(weights / GIB, 4) if device.type == "cuda" else "",
@@ -431,6 +452,285 @@ def run_suite(config, shapes, grad_ckpt_options, setups, device, dtype, warmup=3
     return {"rows": rows, "extras": extras, "failures": failures, "profiles": profiles, "provenance": provenance}
 
 
+# ---------------------------------------------------------------- speed, measured honestly
+@dataclass(frozen=True)
+class Setup:
+    """One configuration of the speed runs: what trains, whose layers, how it runs, which optimizer.
+
+    ``compiled``: ``eager``; ``compile`` (``fast.compile_for_training``: each decoder layer
+    compiled); ``cudagraphs`` (compiled as well, and the whole step recorded as one CUDA graph with
+    ``fast.CapturedStep``).
+    """
+    mode: str
+    implementation: str
+    compiled: str = "eager"
+    optimizer: str = "adamw"
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode}/{self.implementation}/{self.compiled}/{self.optimizer}"
+
+
+def parse_speed_setups(text: str) -> list[Setup]:
+    """'qlora/ours/cudagraphs,full/torch-amp' -> Setups (compiled defaults to eager, optimizer to adamw)."""
+    out = []
+    for item in text.split(","):
+        parts = item.strip().split("/")
+        if len(parts) < 2 or len(parts) > 4 or tuple(parts[:2]) not in SETUPS:
+            raise ValueError(f"unknown setup {item!r}: MODE/IMPLEMENTATION[/COMPILED[/OPTIMIZER]] with MODE/"
+                             f"IMPLEMENTATION one of {', '.join(m + '/' + i for m, i in SETUPS)}")
+        setup = Setup(*parts)
+        if setup.compiled not in COMPILED:
+            raise ValueError(f"{item!r}: compiled must be one of {COMPILED}")
+        if setup.optimizer not in OPTIMIZERS:
+            raise ValueError(f"{item!r}: optimizer must be one of {OPTIMIZERS}")
+        if setup.optimizer != "adamw" and setup.compiled == "cudagraphs":
+            raise ValueError(f"{item!r}: bitsandbytes' optimizers are not recorded in CUDA graphs here; use adamw")
+        out.append(setup)
+    return out
+
+
+# the default speed comparison: every setup in every mode that applies; optimizer variants for memory
+# (most important first: a run cut short by its time budget still has them)
+DEFAULT_SPEED_SETUPS = ",".join(
+    ["qlora/ours/compile", "lora/ours/compile", "qlora/peft/compile", "lora/peft/compile", "qlora/ours/eager",
+     "lora/ours/eager", "qlora/peft/eager", "lora/peft/eager", "full/torch-amp", "full/torch",
+     "qlora/ours/eager/paged_adamw", "qlora/ours/eager/adamw8bit", "full/torch-amp/eager/adamw8bit",
+     "full/torch-amp/eager/paged_adamw8bit",
+     # last: a recording that fails leaves the CUDA random generator unusable for later setups' init
+     "qlora/ours/cudagraphs", "lora/ours/cudagraphs", "qlora/peft/cudagraphs", "lora/peft/cudagraphs"])
+
+
+def make_optimizer(name: str, params, capturable: bool = False, lr: float = 1e-5):
+    """AdamW (PyTorch's), or bitsandbytes' paged / 8-bit AdamW (its states in managed memory / 8 bits)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, capturable=capturable)
+    import bitsandbytes as bnb
+
+    cls = {"paged_adamw": bnb.optim.PagedAdamW, "adamw8bit": bnb.optim.AdamW8bit,
+           "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=lr)
+
+
+def gpu_busy_ms(step, steps: int, device: torch.device) -> float | None:
+    """Milliseconds per step the GPU spends running kernels (and copies), from the profiler.
+
+    The sum of the device's own time over every event (the total under the profiler's table): idle
+    gaps, where the GPU waits for the host, do not count. ``None`` on a CPU.
+    """
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us / 1000 / steps
+
+
+class Prepared:
+    """A setup built, compiled and warmed up: ``step()`` runs one training step on the fixed batch."""
+
+    def __init__(self, setup: Setup, folder: Path, device: torch.device, dtype: torch.dtype, point: Point,
+                 r: int, alpha: float, warmup: int, seed: int = 0):
+        from . import fast
+        from .model import count_parameters
+
+        self.setup = setup
+        base = _allocated(device)
+        self.model = build(setup.mode, setup.implementation, folder, device, dtype, r=r, alpha=alpha)
+        _free(device)
+        self.weights = _allocated(device) - base
+        if device.type == "cuda":  # the peak of training, not of loading (which may briefly hold more)
+            torch.cuda.reset_peak_memory_stats(device)
+        self.trainable, self.total = count_parameters(self.model)
+        self.model.train()
+        self.autocast = dtype if setup.implementation == "torch-amp" else None
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self.input_ids = torch.randint(0, self.model.config.vocab_size, (point.batch, point.seq), device=device,
+                                       generator=generator)
+        t0 = time.perf_counter()
+        # cudagraphs records the compiled model, unless QLORA_BENCH_CUDAGRAPHS_OVER=eager says to record it eager
+        over = os.environ.get("QLORA_BENCH_CUDAGRAPHS_OVER", "compile")
+        if setup.compiled == "compile" or (setup.compiled == "cudagraphs" and over == "compile"):
+            fast.compile_for_training(self.model)
+        self.optimizer = make_optimizer(setup.optimizer, memory.trainable_parameters(self.model),
+                                        capturable=setup.compiled == "cudagraphs")
+        self.note = None
+        if setup.compiled == "cudagraphs":
+            try:
+                self.captured = fast.CapturedStep(self.model, self.optimizer, warmup=warmup, autocast=self.autocast,
+                                                  input_ids=self.input_ids, labels=self.input_ids)
+            except Exception as exc:
+                if over != "compile":
+                    raise
+                # recording the compiled model failed: record the eager one instead, and say so
+                self.note = f"recorded eager: recording the compiled model failed with {type(exc).__name__}: {exc}"[:600]
+                del self.optimizer, self.model
+                _free(device)
+                if device.type == "cuda":  # the failed attempt's peak is not this setup's
+                    torch.cuda.reset_peak_memory_stats(device)
+                self.model = build(setup.mode, setup.implementation, folder, device, dtype, r=r, alpha=alpha)
+                _free(device)
+                self.weights = _allocated(device) - base
+                self.model.train()
+                self.optimizer = make_optimizer(setup.optimizer, memory.trainable_parameters(self.model),
+                                                capturable=True)
+                self.captured = fast.CapturedStep(self.model, self.optimizer, warmup=warmup, autocast=self.autocast,
+                                                  input_ids=self.input_ids, labels=self.input_ids)
+            self.step = lambda: self.captured(input_ids=self.input_ids, labels=self.input_ids)
+        else:
+            self.step = lambda: train_step(self.model, self.optimizer, self.input_ids, self.autocast)
+            for _ in range(warmup):
+                self.step()
+        self.step()
+        _sync(device)
+        self.prepare_s = time.perf_counter() - t0
+        # everything this setup allocated at its peak: weights, optimizer states, activations (and a
+        # CUDA graph's memory pool); other setups stay resident but do not allocate meanwhile
+        self.peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else 0
+        self.loss = float(self.step())
+        if not math.isfinite(self.loss):
+            raise RuntimeError(f"{setup.label}: the loss is {self.loss}: the setup is broken")
+
+
+def run_rounds(config, point: Point, setups: list[Setup], device, dtype, rounds: int = 5, steps: int = 10,
+               warmup: int = 3, profile_steps_per_round: int = 3, r: int = 16, alpha: float = 32, log=print,
+               command: str = "python -m qlora_tutorial.bench --speed", on_round_done=None,
+               time_budget_s: float | None = None, profile_rounds=(0,)) -> dict:
+    """Every setup built once and kept resident, then timed in ``rounds`` interleaved rounds.
+
+    In each round every setup runs ``steps`` steps, each timed on the wall clock (the GPU
+    synchronised around it), in an order that rotates from round to round; in the rounds listed in
+    ``profile_rounds`` the profiler then records ``profile_steps_per_round`` more to get the GPU's
+    busy time (the GPU's work per step hardly varies; the profiler's start-up costs seconds). A row reports the median
+    over rounds of each round's median step, its spread (largest minus smallest round median), and
+    the median GPU-busy time. Slow drifts of the host (other load, clocks) hit every setup alike.
+
+    ``time_budget_s``: no further setup is prepared after 60% of it, no further round started after
+    90% (each round's results are saved as they come, through ``on_round_done``).
+    """
+    started = time.perf_counter()
+    over = lambda fraction: time_budget_s is not None and time.perf_counter() - started > fraction * time_budget_s  # noqa: E731
+    v = versions()
+    provenance = {"device": device_name(device), **v, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                  "command": command}
+    prepared, failures = [], []
+    times = {s: [] for s in setups}
+    gpu = {s: [] for s in setups}
+    with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
+        folder = save_random_model(config, Path(tmp) / "model", dtype, device)
+        for setup in setups:
+            if over(0.6):
+                failures.append({"setup": setup.label, "what": "skipped: time budget"})
+                log(f"[{setup.label}] skipped: time budget")
+                continue
+            try:
+                p = Prepared(setup, folder, device, dtype, point, r, alpha, warmup)
+            except Exception as exc:  # a mode that does not work for a setup: record it and go on
+                failures.append({"setup": setup.label, "what": "prepare", "error": f"{type(exc).__name__}: {exc}"[:800]})
+                log(f"[{setup.label}] FAILED to prepare: {type(exc).__name__}: {str(exc)[:300]}")
+                _free(device)
+                continue
+            prepared.append(p)
+            if p.note:
+                failures.append({"setup": setup.label, "what": "note", "error": p.note})
+            log(f"[{setup.label}] ready in {p.prepare_s:.1f} s: weights {p.weights / GIB:.3f} GiB, "
+                f"peak {p.peak / GIB:.3f} GiB, loss {p.loss:.3f}")
+    result = {"rows": [], "failures": failures, "provenance": provenance}
+    for k in range(rounds):
+        if k and over(0.9):
+            log(f"stopped after {k} rounds: time budget")
+            break
+        order = prepared[k % len(prepared):] + prepared[:k % len(prepared)] if prepared else []
+        for p in order:
+            try:
+                per_step = []
+                for _ in range(steps):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    p.step()
+                    _sync(device)
+                    per_step.append(time.perf_counter() - t0)
+                times[p.setup].append(statistics.median(per_step))
+                if profile_steps_per_round and k in profile_rounds:
+                    gpu[p.setup].append(gpu_busy_ms(p.step, profile_steps_per_round, device))
+            except Exception as exc:
+                failures.append({"setup": p.setup.label, "what": f"round {k}", "error": f"{type(exc).__name__}: {exc}"[:800]})
+                log(f"[{p.setup.label}] FAILED in round {k}: {type(exc).__name__}: {str(exc)[:300]}")
+        result["rows"] = [_speed_row(p, times[p.setup], gpu[p.setup], point, device, provenance)
+                          for p in prepared if times[p.setup]]
+        result["round_times"] = {p.setup.label: times[p.setup] for p in prepared}
+        result["round_gpu_ms"] = {p.setup.label: gpu[p.setup] for p in prepared}
+        log(f"round {k + 1}/{rounds} done")
+        if on_round_done is not None:
+            on_round_done(result)
+    return result
+
+
+def _speed_row(p: Prepared, round_times: list, round_gpu: list, point: Point, device, provenance) -> dict:
+    step_s = statistics.median(round_times)
+    busy = [g for g in round_gpu if g is not None]
+    s = p.setup
+    return {"mode": s.mode, "implementation": s.implementation, "compiled": s.compiled, "optimizer": s.optimizer,
+            "batch": point.batch, "seq": point.seq, "grad_ckpt": point.grad_ckpt, "step_s": round(step_s, 5),
+            # a spread needs two rounds at least: one round leaves it empty rather than 0
+            "step_s_spread": round(max(round_times) - min(round_times), 5) if len(round_times) > 1 else "",
+            "gpu_ms_per_step": round(statistics.median(busy), 3) if busy else "",
+            "tokens_per_s": round(point.batch * point.seq / step_s, 1),
+            "peak_gib": round(p.peak / GIB, 4) if device.type == "cuda" else "",
+            "weights_gib": round(p.weights / GIB, 4) if device.type == "cuda" else "",
+            "trainable": p.trainable, **provenance}
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with every row that ``new`` measures again replaced (same ``ROW_KEY``), plus ``new``'s others."""
+    key = lambda r: tuple(str(r[k]) for k in ROW_KEY)  # noqa: E731
+    fresh = {key(r): r for r in new}
+    out = [fresh.pop(key(r), r) for r in old]
+    return out + [r for r in new if key(r) in fresh]
+
+
+def speed_targets(rows: list[dict]) -> list[dict]:
+    """The targets of the speed work, checked on rows of one run (ours vs PEFT, QLoRA vs LoRA, GPU floor)."""
+    idx = {(r["mode"], r["implementation"], r["compiled"]): r for r in rows
+           if r["optimizer"] == "adamw" and not r["grad_ckpt"]}
+    out = []
+
+    def check(name, value, limit):
+        if value is not None and math.isfinite(value):
+            out.append({"target": name, "value": round(value, 4), "limit": limit, "ok": value <= limit})
+
+    def get(mode, impl, compiled, key="step_s"):
+        r = idx.get((mode, impl, compiled))
+        return None if r is None or r[key] in ("", None) else float(r[key])
+
+    ours_q = {c: get("qlora", "ours", c) for c in COMPILED}
+    fastest = min((c for c in COMPILED if ours_q[c] is not None), key=lambda c: ours_q[c], default=None)
+    if fastest is not None:
+        peft_compiled = get("qlora", "peft", "compile")
+        if peft_compiled:
+            check(f"ours QLoRA {fastest} step / PEFT QLoRA compile step", ours_q[fastest] / peft_compiled, 0.35)
+        busy = get("qlora", "ours", fastest, "gpu_ms_per_step")
+        if busy:
+            check(f"ours QLoRA {fastest}: wall-clock / GPU-busy", ours_q[fastest] * 1000 / busy, 1.15)
+        lora_busy = get("lora", "ours", fastest, "gpu_ms_per_step")
+        if busy and lora_busy:
+            check(f"ours QLoRA / ours LoRA GPU-busy ({fastest})", busy / lora_busy, 1.05)
+    for mode in ("lora", "qlora"):
+        for c in COMPILED:
+            ours, peft = get(mode, "ours", c), get(mode, "peft", c)
+            if ours and peft:
+                check(f"{mode} {c}: ours / PEFT step", ours / peft, 0.95)
+                om, pm = get(mode, "ours", c, "peak_gib"), get(mode, "peft", c, "peak_gib")
+                if om and pm:
+                    check(f"{mode} {c}: ours / PEFT peak memory", om / pm, 0.85)
+    return out
+
+
 # ---------------------------------------------------------------- NF4 dequantization
 def time_fn(fn, args_list, device: torch.device, warmup: int = 5, repeat: int = 30, inner: int = 10) -> float:
     """Median seconds per call of ``fn(*args)``, cycling through ``args_list`` (different buffers, so
@@ -470,9 +770,12 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 * GIB, repeat: int = 20
     return 2 * nbytes / seconds
 
 
+TRITON_CONFIGS = ((512, 4), (1024, 4), (2048, 4), (2048, 8), (4096, 8))
+
+
 def kernel_benchmark(device: torch.device, shape=(4096, 11008), dtype: torch.dtype = torch.bfloat16,
-                     compile: bool = True, copies: int = 4, repeat: int = 50, log=print, copy_bytes: int = 2 * GIB
-                     ) -> dict:
+                     compile: bool = True, copies: int = 4, repeat: int = 50, log=print, copy_bytes: int = 2 * GIB,
+                     triton_configs=TRITON_CONFIGS) -> dict:
     """NF4 dequantization of one ``shape`` weight: ours (eager, one-shot, compiled) vs bitsandbytes.
 
     Bytes moved per dequantization: the packed weight (n/2), the absmax constants (4 bytes per
@@ -523,23 +826,79 @@ def kernel_benchmark(device: torch.device, shape=(4096, 11008), dtype: torch.dty
                 ("ours one-shot (eager)", nf4.dequantize_4bit_oneshot, oneshot_args)]
     if compile:
         variants.append(("ours one-shot (torch.compile)", torch.compile(nf4.dequantize_4bit_oneshot), oneshot_args))
+    from . import nf4_triton
+
+    triton_ok = device.type == "cuda" and nf4_triton.triton_available()
+    if triton_ok:  # our from-scratch kernel, at a few tile sizes (packed bytes per program, warps)
+        for nbytes, warps in triton_configs:
+            variants.append((f"ours Triton kernel (nf4_triton, {nbytes} bytes x {warps} warps)",
+                             lambda p, s, nb=nbytes, w=warps: nf4_triton.dequantize_triton(
+                                 p, *nf4_triton.state_args(s)[:-2], s.shape, dtype, bytes_per_program=nb,
+                                 num_warps=w), inputs_b))
+        variants.append(("ours Triton kernel (custom op, default tiles)",
+                         lambda p, s: nf4_triton.dequantize_like_bnb(p, s), inputs_b))
     copy_bps = copy_bandwidth(device, copy_bytes) if device.type == "cuda" else float("nan")
-    rows = []
-    for name, fn, args_list in variants:
-        t0 = time.perf_counter()
-        out = fn(*args_list[0])
-        first_call_s = time.perf_counter() - t0
-        equal = bool(torch.equal(out, reference))
-        del out
-        seconds = time_fn(fn, args_list, device, repeat=repeat)
-        gbps = moved / seconds / 1e9
-        rows.append({"implementation": name, "seconds": seconds, "GBps": gbps,
-                     "fraction_of_copy": gbps * 1e9 / copy_bps if math.isfinite(copy_bps) else None,
-                     "equal_to_bitsandbytes": equal, "first_call_s": first_call_s})
-        log(f"  {name:42s} {seconds * 1e6:9.1f} us  {gbps:8.1f} GB/s  equal={equal}")
+
+    def run(variants, moved, reference):
+        rows = []
+        for name, fn, args_list in variants:
+            t0 = time.perf_counter()
+            out = fn(*args_list[0])
+            first_call_s = time.perf_counter() - t0
+            equal = bool(torch.equal(out, reference))
+            del out
+            seconds = time_fn(fn, args_list, device, repeat=repeat)
+            gbps = moved / seconds / 1e9
+            rows.append({"implementation": name, "seconds": seconds, "GBps": gbps,
+                         "fraction_of_copy": gbps * 1e9 / copy_bps if math.isfinite(copy_bps) else None,
+                         "equal_to_bitsandbytes": equal, "first_call_s": first_call_s})
+            log(f"  {name:56s} {seconds * 1e6:9.1f} us  {gbps:8.1f} GB/s  equal={equal}")
+        return rows
+
+    rows = run(variants, moved, reference)
+    # double quantization (QLoRA as the paper defines it): 8-bit absmax codes, float32 second-level scales
+    packed_n, state_n = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    reference_n = bnbF.dequantize_4bit(packed_n, state_n)
+    moved_n = (packed_n.numel() + state_n.absmax.numel() + state_n.state2.absmax.numel() * 4
+               + n * weight.element_size())
+    inputs_n = [(packed_n.clone(), _clone_state(state_n)) for _ in range(copies)]
+    variants_n = [("bitsandbytes dequantize_4bit, double-quantized", lambda p, s: bnbF.dequantize_4bit(p, s), inputs_n)]
+    if triton_ok:
+        variants_n.append(("ours Triton kernel, double-quantized (custom op)",
+                           lambda p, s: nf4_triton.dequantize_like_bnb(p, s), inputs_n))
+    rows_n = run(variants_n, moved_n, reference_n)
+    if triton_ok:
+        bytes_check["triton_equal_bnb"] = triton_exactness(device)
     return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "blocksize": 64,
             "bytes_moved_per_dequantization": moved, "copy_GBps": copy_bps / 1e9 if math.isfinite(copy_bps) else None,
-            "rows": rows, "bytes_check": bytes_check}
+            "rows": rows, "double_quant": {"bytes_moved_per_dequantization": moved_n, "rows": rows_n},
+            "bytes_check": bytes_check}
+
+
+def triton_exactness(device: torch.device, trials: int = 3) -> dict:
+    """Our Triton kernel against bitsandbytes' CUDA dequantization, on fresh random weights of awkward
+    shapes (odd counts, rows not a multiple of the block), each dtype, with and without double
+    quantization, and a poisoned output buffer (every element must be written): exact equality."""
+    import bitsandbytes.functional as bnbF
+
+    from . import nf4_triton
+
+    results = {}
+    shapes = [(4096, 11008), (256, 2048), (3, 65), (7, 333), (1, 1), (129, 64)]
+    for shape in shapes:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for nested in (False, True):
+                equal = True
+                for t in range(trials):
+                    g = torch.Generator(device=device).manual_seed(1000 * t + shape[0] + shape[1])
+                    w = (torch.randn(shape, device=device, generator=g) * (0.01 + t)).to(dtype)
+                    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+                    ref = bnbF.dequantize_4bit(packed, state)
+                    out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+                    nf4_triton.dequantize_triton(packed, *nf4_triton.state_args(state)[:-2], shape, dtype, out=out)
+                    equal &= bool(torch.equal(out, ref))
+                results[f"{shape[0]}x{shape[1]} {str(dtype).replace('torch.', '')} nested={nested}"] = equal
+    return {"all_equal": all(results.values()), "cases": results}
 
 
 def _clone_state(state):
@@ -600,7 +959,7 @@ def parse_csv(text: str) -> list[dict]:
     for row in rows:
         for key in ("batch", "seq", "trainable"):
             row[key] = int(row[key])
-        for key in ("step_s", "tokens_per_s", "peak_gib", "weights_gib"):
+        for key in ("step_s", "step_s_spread", "gpu_ms_per_step", "tokens_per_s", "peak_gib", "weights_gib"):
             row[key] = float(row[key]) if row[key] != "" else float("nan")
         row["grad_ckpt"] = row["grad_ckpt"] == "True"
     return rows
@@ -617,18 +976,93 @@ def compare(rows: list[dict], time_tol: float = 0.05, memory_tol: float = 0.02) 
     Target: our step time at most ``time_tol`` (5%) above PEFT's, our peak memory at most
     ``memory_tol`` (2%) above PEFT's.
     """
-    index = {(r["mode"], r["implementation"], r["batch"], r["seq"], r["grad_ckpt"]): r for r in rows}
+    def key(r, impl):
+        return (r["mode"], impl, r.get("compiled", "eager"), r.get("optimizer", "adamw"), r["batch"], r["seq"],
+                r["grad_ckpt"])
+
+    index = {key(r, r["implementation"]): r for r in rows}
     out = []
-    for (mode, impl, b, s, g), ours in index.items():
-        peft = index.get((mode, "peft", b, s, g))
-        if impl != "ours" or peft is None:
+    for k, ours in index.items():
+        if ours["implementation"] != "ours":
+            continue
+        peft = index.get(key(ours, "peft"))
+        if peft is None:
             continue
         time_ratio = ours["step_s"] / peft["step_s"]
         mem_ratio = _number(ours["peak_gib"]) / _number(peft["peak_gib"])
-        out.append({"mode": mode, "batch": b, "seq": s, "grad_ckpt": g, "time_ratio": time_ratio,
+        out.append({"mode": ours["mode"], "compiled": ours.get("compiled", "eager"), "batch": ours["batch"],
+                    "seq": ours["seq"], "grad_ckpt": ours["grad_ckpt"], "time_ratio": time_ratio,
                     "memory_ratio": mem_ratio, "time_ok": time_ratio <= 1 + time_tol,
                     "memory_ok": not (mem_ratio > 1 + memory_tol)})
     return out
+
+
+def speed_main(args, config, shape, device, dtype, warmup, steps, kernel_shape, command, log) -> int:
+    """``--speed``: the NF4 kernels, then the interleaved rounds; the CSV rows are merged into ``--csv``
+    (rows with the same key replaced), the rest goes to ``--json`` (``gpu_speed.json`` by default)."""
+    setups = parse_speed_setups(args.speed_setups)
+    point = Point(shape[0], shape[1], False)
+    # every compiled setup is a variant of the decoder layer's code: allow them all their own graphs
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 64))
+    json_path = args.json if args.json is not None and args.json.name != KERNELS_PATH.name else None
+    json_path = json_path or args.csv.parent / "gpu_speed.json"
+    meta = {"python": sys.version.split()[0], "config": args.config or ("tiny" if args.quick else "tinyllama"),
+            "r": args.r, "alpha": args.alpha, "warmup": warmup, "steps_per_round": steps, "rounds": args.rounds,
+            "dtype": str(dtype).replace("torch.", ""), "targets": TARGETS, "triton": _triton_version(),
+            "note": "step_s: median over rounds of each round's median wall-clock step (GPU synchronised "
+                    "around each step); step_s_spread: largest minus smallest round median; gpu_ms_per_step: "
+                    "the profiler's device time per step (kernels and copies, idle gaps excluded), median over "
+                    "rounds. peak_gib: torch.cuda.max_memory_allocated over preparation and warm-up, minus what "
+                    "was allocated before the setup was built; bitsandbytes' paged optimizers keep their states "
+                    "in CUDA managed memory, which PyTorch's allocator does not count. compiled=cudagraphs: the "
+                    "whole step recorded with fast.CapturedStep over the model as QLORA_BENCH_CUDAGRAPHS_OVER "
+                    "says (compile: fast.compile_for_training first; eager: not compiled).",
+            "cudagraphs_over": os.environ.get("QLORA_BENCH_CUDAGRAPHS_OVER", "compile")}
+    result = {"provenance": {"device": device_name(device), **versions(),
+                             "date": time.strftime("%Y-%m-%d", time.gmtime()), "command": command, **meta}}
+    old_rows = read_csv(args.csv) if args.csv.is_file() else []
+
+    def save(speed=None):
+        if speed is not None:
+            result.update({"rows": speed["rows"], "failures": speed["failures"], "round_times_s": speed["round_times"],
+                           "round_gpu_ms": speed["round_gpu_ms"], "targets": speed_targets(speed["rows"]),
+                           "comparison": compare(speed["rows"])})
+            write_csv(merge_rows(old_rows, speed["rows"]), args.csv)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    if not args.no_kernels:
+        log(f"NF4 dequantization of a {kernel_shape[0]}x{kernel_shape[1]} weight:")
+        try:
+            result["kernels"] = kernel_benchmark(device, kernel_shape, dtype, compile=not args.no_compile, log=log,
+                                                 copy_bytes=2 * GIB if device.type == "cuda" else 2 ** 20)
+        except Exception as exc:
+            result["kernel_failure"] = f"{type(exc).__name__}: {exc}"[:800]
+            log(f"kernel benchmark FAILED: {result['kernel_failure']}")
+        save()
+    speed = run_rounds(config, point, setups, device, dtype, rounds=args.rounds, steps=steps, warmup=warmup,
+                       r=args.r, alpha=args.alpha, log=log, command=command, on_round_done=save,
+                       time_budget_s=args.time_budget)
+    save(speed)
+    for row in speed["rows"]:
+        print(f"{row['mode']:5s} {row['implementation']:9s} {row['compiled']:10s} {row['optimizer']:15s} "
+              f"{row['step_s'] * 1000:8.1f} ms +-{row['step_s_spread'] * 1000:6.1f}  gpu {row['gpu_ms_per_step'] or 0:7.1f} ms"
+              f"  peak {row['peak_gib'] or 0:7.3f} GiB")
+    for t in result["targets"]:
+        print(f"target {t['target']}: {t['value']} (limit {t['limit']}) {'ok' if t['ok'] else 'MISS'}")
+    return 1 if speed["failures"] or "kernel_failure" in result else 0
+
+
+def _triton_version():
+    from . import nf4_triton
+
+    if not nf4_triton.triton_available():
+        return None
+    import triton
+
+    return triton.__version__
 
 
 def main(argv=None) -> int:
@@ -647,6 +1081,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-kernels", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd dequantization")
     parser.add_argument("--profile", action="store_true", help="profile LoRA/QLoRA ours and PEFT at the first shape")
+    parser.add_argument("--speed", action="store_true",
+                        help="the interleaved speed runs (--speed-setups at the first shape) instead of the sweep")
+    parser.add_argument("--speed-setups", default=DEFAULT_SPEED_SETUPS,
+                        help="MODE/IMPL[/COMPILED[/OPTIMIZER]] list, e.g. qlora/ours/cudagraphs,lora/peft/compile")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the speed runs")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds the speed rounds may take")
     parser.add_argument("--csv", type=Path, default=None,
                         help="default: book/data/gpu_benchmark.csv for a full run on a GPU, else _build/bench/")
     parser.add_argument("--json", type=Path, default=None, help="default: next to the CSV, as gpu_kernels.json")
@@ -680,6 +1120,8 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
 
+    if args.speed:
+        return speed_main(args, config, shapes[0], device, dtype, warmup, steps, kernel_shape, command, log)
     profile_setups = list(setups) if args.profile else []
     meta = {"python": sys.version.split()[0], "config": args.config or ("tiny" if args.quick else "tinyllama"),
             "r": args.r, "alpha": args.alpha, "warmup": warmup, "steps": steps,

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import lora
+from .fast import base_forward
 from .lora import check_rank_alpha, init_lora_, lora_forward, lora_scale
 from .nf4 import BLOCKSIZES, State4bit, dequantize_nf4
 
@@ -141,7 +142,7 @@ class Qlora_4_bit(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, alpha: float, r: int,
                  require_lora: bool = True, use_qlora: bool = True, *, bias: bool = True,
-                 rslora: bool = False, compress_statistics: bool = False,
+                 rslora: bool = False, compress_statistics: bool = True,
                  compute_dtype: torch.dtype | None = None, quant_type: str = "nf4",
                  blocksize: int = 64, device=None, dtype: torch.dtype | None = None,
                  linear: nn.Linear | None = None, name: str | None = None):
@@ -308,7 +309,7 @@ class Qlora_4_bit(nn.Module):
         if self.use_qlora and self.is_quantized and needs_exact_cpu_dequantize(x, self.quant_nn.weight.quant_state):
             out = self._exact_4bit_forward(x)
         else:
-            out = self.quant_nn(x)
+            out = base_forward(self.quant_nn, x)
         if self.require_lora:
             out = out + lora_forward(x, self.W_a, self.W_b, self.scale)
         return out

@@ -120,7 +120,7 @@ def guard_save_pretrained(module: nn.Module) -> None:
 
 # ---------------------------------------------------------------- the original README's function
 def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_lora: bool = True,
-                   use_qlora: bool = True, *, rslora: bool = False, compress_statistics: bool = False,
+                   use_qlora: bool = True, *, rslora: bool = False, compress_statistics: bool = True,
                    compute_dtype=None, quant_type: str = "nf4", blocksize: int = 64,
                    freeze: bool = True) -> nn.Module:
     """Replace the ``nn.Linear`` layers named in ``mlp_layers`` by ``Qlora_4_bit`` layers; return ``module``.

@@ -127,7 +127,8 @@ def test_table_totals_reads_the_profiler_totals():
 
 # ---------------------------------------------------------------- output
 def row(mode, impl, step_s, peak, **kw):
-    base = {"mode": mode, "implementation": impl, "batch": 4, "seq": 512, "grad_ckpt": False, "step_s": step_s,
+    base = {"mode": mode, "implementation": impl, "compiled": "eager", "optimizer": "adamw", "batch": 4, "seq": 512,
+            "grad_ckpt": False, "step_s": step_s, "step_s_spread": "", "gpu_ms_per_step": "",
             "tokens_per_s": 2048 / step_s, "peak_gib": peak, "weights_gib": 1.0, "trainable": 10, "device": "d",
             "torch": "t", "bitsandbytes": "b", "transformers": "tr", "peft": "p", "date": "2026-01-01",
             "command": "python -m qlora_tutorial.bench"}
@@ -159,7 +160,12 @@ def test_committed_results_have_provenance():
     for r in rows:
         assert r["device"] and r["torch"] and r["bitsandbytes"] and r["date"]
         assert r["command"].startswith("python -m qlora_tutorial.bench")
-        assert r["step_s"] > 0 and r["peak_gib"] > r["weights_gib"] > 0
+        assert r["step_s"] > 0 and r["peak_gib"] > 0
+        # weights left empty only where the run could not measure them (gpu_speed.json says why)
+        assert r["peak_gib"] > r["weights_gib"] > 0 or (math.isnan(r["weights_gib"]) and r["compiled"] == "cudagraphs")
+        assert r["compiled"] in bench.COMPILED and r["optimizer"] in bench.OPTIMIZERS
+    speed = [r for r in rows if r["command"].startswith("python -m qlora_tutorial.bench --speed")]
+    assert {r["compiled"] for r in speed} == set(bench.COMPILED) and all(r["gpu_ms_per_step"] > 0 for r in speed)
     kernels = bench.load_kernels()
     assert kernels["provenance"]["device"] == rows[0]["device"]
     assert kernels["kernels"]["rows"][0]["implementation"].startswith("bitsandbytes")
@@ -199,10 +205,12 @@ def test_weight_bytes_of_a_4bit_model(folder):
     expected = 0
     for name, p in model.named_parameters():
         expected += p.numel() * p.element_size()
-        if getattr(p, "quant_state", None) is not None:  # packed bytes + float32 absmax per 64 + 16-value code
+        if getattr(p, "quant_state", None) is not None:
+            # packed bytes + 16-value code + double-quantized absmax (QLoRA's default): one byte per block of
+            # 64, a float32 scale per 256 of those, the 256-value 8-bit code and the float32 offset
             n = p.quant_state.shape.numel()
-            assert p.numel() * p.element_size() == n // 2
-            expected += n // 64 * 4 + 16 * 4
+            assert p.numel() * p.element_size() == n // 2 and p.quant_state.nested
+            expected += 16 * 4 + n // 64 + math.ceil(n // 64 / 256) * 4 + 256 * 4 + 4
     expected += sum(b.numel() * b.element_size() for b in model.buffers())
     assert memory.weight_bytes(model) == expected
 
@@ -279,3 +287,50 @@ def test_breakdown_adds_up():
     b = memory.breakdown(model, activation_bytes=1000)
     assert b["total"] == b["weights"] + b["gradients"] + b["optimizer_states"] + 1000
     assert b["optimizer_states"] == 2 * b["gradients"]
+
+
+# ---------------------------------------------------------------- speed runs
+def test_parse_speed_setups():
+    setups = bench.parse_speed_setups("qlora/ours/cudagraphs, full/torch-amp, qlora/ours/eager/paged_adamw")
+    assert setups == [bench.Setup("qlora", "ours", "cudagraphs", "adamw"), bench.Setup("full", "torch-amp"),
+                      bench.Setup("qlora", "ours", "eager", "paged_adamw")]
+    assert len(bench.parse_speed_setups(bench.DEFAULT_SPEED_SETUPS)) == 18
+    for bad, match in (("qlora/hf", "unknown setup"), ("lora/ours/jit", "compiled"), ("lora/ours/eager/sgd", "optimizer"),
+                       ("lora/ours/cudagraphs/adamw8bit", "CUDA graphs")):
+        with pytest.raises(ValueError, match=match):
+            bench.parse_speed_setups(bad)
+
+
+def test_merge_rows_replaces_what_was_measured_again():
+    old = [row("lora", "ours", 0.2, 5.0), row("qlora", "ours", 0.3, 4.0)]
+    new = [row("lora", "ours", 0.1, 5.5), row("lora", "ours", 0.05, 6.0, compiled="cudagraphs")]
+    merged = bench.merge_rows(old, new)
+    assert [(r["mode"], r["compiled"], r["step_s"]) for r in merged] == [
+        ("lora", "eager", 0.1), ("qlora", "eager", 0.3), ("lora", "cudagraphs", 0.05)]
+
+
+def test_speed_targets():
+    rows = [row("qlora", "ours", 0.0336, 4.0, compiled="cudagraphs", gpu_ms_per_step=31.0),
+            row("lora", "ours", 0.0316, 5.0, compiled="cudagraphs", gpu_ms_per_step=28.6),
+            row("qlora", "peft", 0.115, 5.3, compiled="compile"),
+            row("qlora", "ours", 0.121, 4.2, compiled="compile", gpu_ms_per_step=31.1)]
+    targets = {t["target"]: t for t in bench.speed_targets(rows)}
+    assert targets["ours QLoRA cudagraphs step / PEFT QLoRA compile step"]["value"] == pytest.approx(0.0336 / 0.115, abs=1e-4)
+    assert targets["ours QLoRA cudagraphs: wall-clock / GPU-busy"]["ok"]  # 33.6 / 31.0 = 1.08
+    assert not targets["ours QLoRA / ours LoRA GPU-busy (cudagraphs)"]["ok"]  # 31.0 / 28.6 = 1.084
+    assert not targets["qlora compile: ours / PEFT step"]["ok"] and targets["qlora compile: ours / PEFT peak memory"]["ok"]
+
+
+def test_speed_run_on_cpu(tmp_path):
+    out_csv, out_json = tmp_path / "b.csv", tmp_path / "s.json"
+    bench.write_csv([row("full", "torch", 1.0, 1.0, batch=8)], out_csv)  # an earlier row, kept by the merge
+    code = bench.main(["--quick", "--device", "cpu", "--speed", "--speed-setups", "qlora/ours,full/torch-amp",
+                       "--shapes", "1x8", "--rounds", "2", "--steps", "1", "--no-kernels",
+                       "--csv", str(out_csv), "--json", str(out_json)])
+    assert code == 0
+    rows = bench.read_csv(out_csv)
+    assert [(r["mode"], r["implementation"], r["batch"]) for r in rows] == [
+        ("full", "torch", 8), ("qlora", "ours", 1), ("full", "torch-amp", 1)]
+    assert all(r["step_s"] > 0 and r["step_s_spread"] >= 0 for r in rows[1:])
+    result = json.loads(out_json.read_text())
+    assert result["failures"] == [] and all(len(t) == 2 for t in result["round_times_s"].values())

@@ -45,10 +45,12 @@ class Holder(nn.Module):
 def test_qlora_mode_holds_exactly_what_bitsandbytes_quantizes(linear):
     layer = Qlora_4_bit.from_linear(copy.deepcopy(linear), alpha=4, r=2)
     assert isinstance(layer.quant_nn, bnb.nn.Linear4bit) and layer.is_quantized
-    packed, state = bnbF.quantize_4bit(linear.weight.data, blocksize=64, compress_statistics=False, quant_type="nf4")
+    # QLoRA as the paper defines it: NF4 plus double quantization (the absmax constants in 8 bits)
+    packed, state = bnbF.quantize_4bit(linear.weight.data, blocksize=64, compress_statistics=True, quant_type="nf4")
     w = layer.quant_nn.weight
     assert w.dtype == torch.uint8 and torch.equal(w.data, packed)
-    assert torch.equal(w.quant_state.absmax, state.absmax) and not w.quant_state.nested
+    assert w.quant_state.nested and torch.equal(w.quant_state.absmax, state.absmax)
+    assert torch.equal(w.quant_state.state2.absmax, state.state2.absmax) and w.quant_state.offset == state.offset
     assert w.quant_state.quant_type == "nf4" and w.quant_state.blocksize == 64
     assert torch.equal(layer.quant_nn.bias, linear.bias)
     assert torch.equal(layer.base_weight(), bnbF.dequantize_4bit(packed, state))
@@ -177,7 +179,7 @@ def test_lora_mode_equals_peft_lora(linear, rslora):
 
 
 def test_qlora_mode_equals_peft_on_a_bitsandbytes_base(linear):
-    base = bnb.nn.Linear4bit(IN, OUT, compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4")
+    base = bnb.nn.Linear4bit(IN, OUT, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
     base.load_state_dict(linear.state_dict())
     base = base.to("cpu")  # bitsandbytes quantizes here
     base.support_avx512bf16_for_cpu = False  # same CPU path as ours in eval mode

@@ -1,0 +1,205 @@
+"""Making a training step fast: the 4-bit base through our own kernel, compilation, CUDA graphs.
+
+A LoRA step on a large GPU is mostly the host's work: Python and PyTorch dispatch hundreds of small
+operations per layer while the GPU waits. Three tools remove that, each measured in the book:
+
+* ``nf4_linear``: the 4-bit base layer's forward and backward with the weight dequantized by our
+  Triton kernel (``nf4_triton``), a custom operator that ``torch.compile`` traces without a graph
+  break and a CUDA graph records. ``Qlora_4_bit`` calls ``base_forward``, which takes this path on
+  CUDA (and whenever it is being compiled) and bitsandbytes' own forward otherwise.
+* ``compile_for_training``: ``torch.compile`` on each repeated block (the decoder layers), so one
+  compilation serves every layer ("regional compilation": seconds, not minutes, for a 22-layer model).
+* ``CapturedStep``: a whole training step (forward, loss, backward, optimizer step) recorded once as a
+  CUDA graph and replayed: one launch per step, so the step takes the GPU's time and nothing more.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import nf4_triton
+
+
+# ------------------------------------------------------------------ the 4-bit base layer
+class _NF4Linear(torch.autograd.Function):
+    """y = x @ W^T + b with W dequantized from 4 bits in the forward and again in the backward.
+
+    Only the packed weight and its statistics are saved for the backward, never the dequantized
+    weight: that is what keeps QLoRA's memory at 4 bits per weight (bitsandbytes' ``MatMul4Bit``
+    does the same). The weight is frozen: it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, code, absmax2, code2, offset, bias, blocksize, blocksize2, rows, cols):
+        weight = nf4_triton.dequantize_nf4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2,
+                                           rows, cols, x.dtype)
+        ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
+        ctx.sizes = (blocksize, blocksize2, rows, cols)
+        ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, absmax, code, absmax2, code2, offset = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = nf4_triton.dequantize_nf4(packed, absmax, code, absmax2, code2, offset, *ctx.sizes,
+                                               grad_out.dtype)
+            grad_x = grad_out @ weight
+        if ctx.bias_needs_grad:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, None, None, None, None, grad_bias, None, None, None, None
+
+
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, quant_state, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for an NF4 weight (bitsandbytes' packed bytes and ``QuantState``), in x's dtype."""
+    if quant_state.quant_type != "nf4":
+        raise ValueError(f"nf4_linear handles NF4 weights only, this one is {quant_state.quant_type!r}")
+    state = nf4_triton.state_args(quant_state)  # 5 tensors (or None), then 4 sizes
+    return _NF4Linear.apply(x, packed, *state[:5], bias, *state[5:])
+
+
+def uses_fast_path(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``base_forward`` takes our kernel's path for this 4-bit base layer and input.
+
+    On CUDA (with Triton), and whenever ``torch.compile`` traces the layer, on any device (the
+    operator then runs its PyTorch version): bitsandbytes' own forward would not trace without graph
+    breaks. Everything else, the chapters' CPU runs included, keeps bitsandbytes' forward.
+    """
+    import bitsandbytes as bnb
+
+    if not isinstance(base, bnb.nn.Linear4bit):
+        return False
+    weight = base.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None or state.quant_type != "nf4" or getattr(state, "packing_format_for_cpu", False):
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    return x.is_cuda and nf4_triton.triton_available()
+
+
+def base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The frozen base layer of a ``Qlora_4_bit`` applied to ``x``.
+
+    For a 4-bit NF4 base on the fast path (``uses_fast_path``): what ``bnb.nn.Linear4bit.forward``
+    computes (input cast to the compute dtype, bias too, the output cast back to the input's dtype),
+    with our kernel dequantizing the weight. Otherwise the layer's own forward.
+    """
+    if not uses_fast_path(base, x):
+        return base(x)
+    weight = base.weight
+    compute_dtype = base.compute_dtype or x.dtype
+    bias = None if base.bias is None else base.bias.to(compute_dtype)
+    # .data: the packed bytes without the Params4bit wrapper, which torch.compile cannot trace through
+    packed = weight.data
+    return nf4_linear(x.to(compute_dtype), packed, weight.quant_state, bias).to(x.dtype)
+
+
+# ------------------------------------------------------------------ compilation
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks a model repeats: the items of its longest ``nn.ModuleList`` whose items share a class."""
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            if len({type(m) for m in module}) == 1:
+                best = list(module)
+    return best
+
+
+def compile_for_training(model: nn.Module, mode: str = "default", regional: bool = True, **kwargs) -> nn.Module:
+    """``torch.compile`` a model for training, in place; returns it.
+
+    ``regional=True`` compiles each repeated block (the decoder layers) rather than the whole model:
+    the blocks share one compiled graph, so a 22-layer model compiles in the time of one layer. The
+    rest (embeddings, head, loss) stays eager; it is a few operations. ``mode`` is
+    ``torch.compile``'s: ``"default"``, or ``"max-autotune-no-cudagraphs"``. For CUDA graphs, record the
+    whole step with ``CapturedStep`` (on top of this or not): per-region graphs would still leave the
+    launches between regions to the host.
+    """
+    if mode not in ("default", "max-autotune-no-cudagraphs"):
+        raise ValueError(f"mode {mode!r}: use 'default' or 'max-autotune-no-cudagraphs' here, and CapturedStep "
+                         "for CUDA graphs (torch.compile's 'reduce-overhead' graphs each region separately)")
+    if not regional:
+        model.compile(mode=mode, **kwargs)
+        return model
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of repeated blocks to compile; "
+                         "use regional=False to compile the whole model")
+    for block in blocks:
+        block.compile(mode=mode, **kwargs)
+    return model
+
+
+# ------------------------------------------------------------------ CUDA graphs
+class CapturedStep:
+    """A whole training step, recorded once as a CUDA graph and replayed: ``loss = step(input_ids=...)``.
+
+    The recording runs the step on the example batch (after ``warmup`` ordinary steps on a side
+    stream, which also compile whatever ``torch.compile`` wraps); each call copies the new batch into
+    the recorded input tensors and replays. The model trains as usual: the optimizer's update is in
+    the graph. Rules of CUDA graphs: every batch has the example's shapes; the optimizer must be
+    created with ``capturable=True``; gradients live in the graph's memory (do not zero or replace
+    them between steps: the recorded backward overwrites them); nothing in the step may wait for the
+    host (no ``.item()``, no data-dependent shapes).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, warmup: int = 3, autocast=None,
+                 **example):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CapturedStep records a CUDA graph: it needs a CUDA GPU")
+        if not example:
+            raise ValueError("give the example batch as keyword arguments, e.g. CapturedStep(model, opt, input_ids=ids)")
+        if not all(g.get("capturable", False) for g in optimizer.param_groups):
+            raise ValueError(f"{type(optimizer).__name__} was not created with capturable=True: its step reads "
+                             "the step count on the host and cannot be recorded. Create it with capturable=True.")
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1 (kernels and compilation must exist before recording), got {warmup}")
+        self.model, self.optimizer, self.autocast = model, optimizer, autocast
+        self.inputs = {k: v.detach().clone() for k, v in example.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                optimizer.zero_grad(set_to_none=True)
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        optimizer.zero_grad(set_to_none=True)  # gradients are created inside the graph's memory
+        self.graph = torch.cuda.CUDAGraph()
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        saved = generator.clone_state()
+        try:
+            # thread_local: a CUDA call from another thread (torch.compile's workers, for one) must not
+            # invalidate the recording; only this thread's work is recorded either way
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.loss = self._step()
+        except Exception:
+            # a failed recording leaves the default random generator in capture mode, and every later
+            # random draw on the GPU would fail: give it back its state from before
+            generator.graphsafe_set_state(saved)
+            raise
+
+    def _step(self) -> torch.Tensor:
+        if self.autocast is not None:
+            with torch.autocast("cuda", dtype=self.autocast):
+                loss = self.model(**self.inputs).loss
+        else:
+            loss = self.model(**self.inputs).loss
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, **batch) -> torch.Tensor:
+        if set(batch) != set(self.inputs):
+            raise ValueError(f"the recorded step takes {sorted(self.inputs)}, got {sorted(batch)}")
+        for k, v in batch.items():
+            if v.shape != self.inputs[k].shape:
+                raise ValueError(f"{k} has shape {tuple(v.shape)}, the recorded step {tuple(self.inputs[k].shape)}: "
+                                 "a CUDA graph replays fixed shapes (pad the batch, or record one step per shape)")
+            self.inputs[k].copy_(v)
+        self.graph.replay()
+        return self.loss

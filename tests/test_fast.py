@@ -1,0 +1,139 @@
+"""The fast path: our NF4 linear layer, compilation without graph breaks, CUDA graphs of a whole step."""
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from qlora_tutorial import Qlora_4_bit, fast, quantize_model
+from qlora_tutorial.bench import TARGETS
+from qlora_tutorial.models import tiny_llama
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def layer(use_qlora=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(256, 192).to(DEVICE, DTYPE)
+    q = Qlora_4_bit.from_linear(lin, 16, 8, use_qlora=use_qlora, compute_dtype=DTYPE, **kw)
+    with torch.no_grad():
+        q.W_b.normal_()  # B = 0 at init would hide the LoRA branch
+    return q
+
+
+def test_qlora_defaults_to_double_quantization():
+    """QLoRA as the paper (and bitsandbytes' usual BitsAndBytesConfig) defines it: NF4 + double quantization."""
+    assert layer().quant_nn.weight.quant_state.nested
+    assert not layer(compress_statistics=False).quant_nn.weight.quant_state.nested
+    model = quantize_model(tiny_llama(), ["gate_proj"], 16, 4)
+    assert model.model.layers[0].mlp.gate_proj.quant_nn.weight.quant_state.nested
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_linear_equals_bitsandbytes_forward_and_backward(nested):
+    """Our autograd function against bnb.nn.Linear4bit, outputs and input gradients. On CUDA with
+    2048 tokens both dequantize and call the same matmul: equal to the bit."""
+    q = layer(compress_statistics=nested)
+    x = torch.randn(2, 1024, 256, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    ref = q.quant_nn(x)
+    ref.float().square().sum().backward()
+    grad_ref, x.grad = x.grad, None
+    w = q.quant_nn.weight
+    out = fast.nf4_linear(x, w.data, w.quant_state, q.quant_nn.bias.to(DTYPE))
+    out.float().square().sum().backward()
+    assert torch.equal(out, ref) and torch.equal(x.grad, grad_ref)
+
+
+def test_base_forward_path_choice():
+    q = layer()
+    x = torch.randn(3, 256, device=DEVICE, dtype=DTYPE)
+    assert fast.uses_fast_path(q.quant_nn, x) == (CUDA and fast.nf4_triton.triton_available())
+    assert not fast.uses_fast_path(layer(use_qlora=False).quant_nn, x)  # a plain nn.Linear base
+    assert not fast.uses_fast_path(layer(quant_type="fp4").quant_nn, x)  # our kernel is NF4 only
+    with pytest.raises(ValueError, match="NF4"):
+        fp4 = layer(quant_type="fp4").quant_nn.weight
+        fast.nf4_linear(x, fp4.data, fp4.quant_state)
+
+
+@pytest.mark.parametrize("use_qlora", [True, False])
+def test_layer_traces_without_graph_breaks(use_qlora):
+    q = layer(use_qlora=use_qlora)
+    x = torch.randn(2, 4, 256, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    explanation = torch._dynamo.explain(q)(x)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+    # forward and backward through AOTAutograd, in one graph (fullgraph=True fails on any break)
+    torch._dynamo.reset()
+    compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
+    eager = q(x)
+    eager.float().sum().backward()
+    grads = (x.grad, q.W_a.grad, q.W_b.grad)
+    x.grad = q.W_a.grad = q.W_b.grad = None
+    out = compiled(x)
+    out.float().sum().backward()
+    tol = dict(rtol=2e-2, atol=2e-2) if DTYPE == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, eager, **tol)
+    for a, b in zip((x.grad, q.W_a.grad, q.W_b.grad), grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_compile_for_training_compiles_each_decoder_layer():
+    model = quantize_model(tiny_llama().to(DEVICE), TARGETS, 8, 4, compute_dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 16), device=DEVICE)
+    eager = model(input_ids=ids, labels=ids).loss
+    torch._dynamo.reset()
+    assert fast.compile_for_training(model, backend="aot_eager") is model
+    blocks = fast.repeated_blocks(model)
+    assert len(blocks) == model.config.num_hidden_layers
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-4, atol=1e-4)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="CapturedStep"):
+        fast.compile_for_training(model, mode="reduce-overhead")
+    with pytest.raises(ValueError, match="no nn.ModuleList"):
+        fast.compile_for_training(torch.nn.Linear(2, 2))
+
+
+def test_captured_step_needs_cuda_and_a_capturable_optimizer():
+    model = tiny_llama().to(DEVICE)
+    ids = torch.randint(0, 256, (2, 16), device=DEVICE)
+    if not CUDA:
+        with pytest.raises(RuntimeError, match="CUDA GPU"):
+            fast.CapturedStep(model, torch.optim.AdamW(model.parameters()), input_ids=ids, labels=ids)
+        return
+    with pytest.raises(ValueError, match="capturable=True"):
+        fast.CapturedStep(model, torch.optim.AdamW(model.parameters()), input_ids=ids, labels=ids)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
+def test_captured_qlora_step_trains_like_eager():
+    """The same QLoRA model and batches, stepped eagerly and through the recorded graph: the same losses."""
+    losses = {}
+    for how in ("eager", "graph"):
+        torch.manual_seed(0)
+        model = quantize_model(tiny_llama().to(DEVICE), TARGETS, 8, 4, compute_dtype=torch.float32)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, capturable=True)
+        batches = [torch.randint(0, 256, (2, 16), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(i))
+                   for i in range(6)]
+        if how == "eager":
+            run = []
+            for _ in range(3):  # CapturedStep's warm-up steps on the example batch
+                opt.zero_grad(set_to_none=True)
+                model(input_ids=batches[0], labels=batches[0]).loss.backward()
+                opt.step()
+            for b in batches:
+                opt.zero_grad(set_to_none=True)
+                loss = model(input_ids=b, labels=b).loss
+                loss.backward()
+                opt.step()
+                run.append(loss.item())
+        else:
+            step = fast.CapturedStep(model, opt, input_ids=batches[0], labels=batches[0])
+            run = [step(input_ids=b, labels=b).item() for b in batches]
+            with pytest.raises(ValueError, match="fixed shapes"):
+                step(input_ids=batches[0][:1], labels=batches[0][:1])
+        losses[how] = run
+    assert losses["graph"][0] != losses["graph"][1]  # it trains
+    torch.testing.assert_close(losses["graph"], losses["eager"], rtol=1e-3, atol=1e-3)
