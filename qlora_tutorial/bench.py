@@ -537,7 +537,7 @@ class Prepared:
     def __init__(self, setup: Setup, folder: Path, device: torch.device, dtype: torch.dtype, point: Point,
                  r: int, alpha: float, warmup: int, seed: int = 0):
         from . import fast
-        from .model import count_parameters
+        from .quantize import count_parameters
 
         self.setup = setup
         base = _allocated(device)
