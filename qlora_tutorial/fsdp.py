@@ -72,7 +72,7 @@ def model_config(name: str):
     elif name == "tiny-random":
         # hidden and intermediate sizes are multiples of 64: bitsandbytes' CPU 4-bit kernel is only
         # right when every row of a weight is a whole number of 64-value blocks
-        config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                              tie_word_embeddings=False)
     else:
@@ -252,8 +252,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the step time (default 3)")
     p.add_argument("--batch", type=int, default=8, help="global batch: sequences per step over all ranks")
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank r (default 16)")
+    p.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (default 32)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 turns clipping off")
     p.add_argument("--seed", type=int, default=0)
@@ -324,7 +324,7 @@ def _run(args, argv, device_type, rank, world_size, local_rank) -> int:
     if args.batch % world_size:
         raise SystemExit(f"--batch {args.batch} does not split evenly over {world_size} ranks")
 
-    model = build_model(args.model, device, dtype, r=args.r, alpha=args.alpha, seed=args.seed,
+    model = build_model(args.model, device, dtype, r=args.lora_r, alpha=args.lora_alpha, seed=args.seed,
                         double_quant=args.double_quant)
     check_shardable(model, dtype, device)
     if args.grad_ckpt:
@@ -368,7 +368,7 @@ def _record(args, argv, device, world_size, losses, step_s, per_rank) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     return {
         "model": args.model, "world_size": world_size, "batch": args.batch, "seq": args.seq,
-        "r": args.r, "alpha": args.alpha, "grad_ckpt": args.grad_ckpt, "double_quant": args.double_quant,
+        "r": args.lora_r, "alpha": args.lora_alpha, "grad_ckpt": args.grad_ckpt, "double_quant": args.double_quant,
         "steps": args.steps, "warmup": args.warmup, "step_s": step_s,
         "tokens_per_s": args.batch * args.seq / step_s, "losses": losses,
         "ranks": [{k: v for k, v in r.items() if k != "step_s"} for r in per_rank],
