@@ -123,8 +123,8 @@ def set_quant_storage(module: nn.Module, dtype: torch.dtype) -> int:
         nbytes = w.numel() * w.element_size()
         if nbytes % dtype.itemsize:
             raise ValueError(f"{name}: its {nbytes} packed bytes do not fill whole {dtype} elements "
-                             f"({dtype.itemsize} bytes each); use a storage dtype of at most {nbytes % dtype.itemsize or 1} "
-                             "bytes, or leave this layer in uint8")
+                             f"({dtype.itemsize} bytes each): its weight count must be a multiple of "
+                             f"{2 * dtype.itemsize}. Use a smaller storage dtype, or leave the model in uint8")
     for _, layer in layers:
         w = layer.weight
         w.data = w.data.reshape(-1).view(torch.uint8).view(dtype).unsqueeze(1)
@@ -260,6 +260,8 @@ def parse_args(argv=None):
     p.add_argument("--double-quant", action="store_true", help="compress_statistics=True")
     p.add_argument("--grad-ckpt", action="store_true", help="non-reentrant activation checkpointing")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-shard", action="store_true",
+                   help="one process without FSDP: the plain single-device baseline (world_size must be 1)")
     p.add_argument("--out", help="folder for the adapter (save_adapter's format), written by rank 0")
     p.add_argument("--json", help="results file: the run is added (replacing one with the same settings)")
     args = p.parse_args(argv)
@@ -270,9 +272,15 @@ def parse_args(argv=None):
     return args
 
 
+# how this process was started, for the "command" of the results
+_LAUNCHER = "torchrun --nproc_per_node={n}"
+
+
 def _init_distributed(device_type: str) -> tuple[int, int, int]:
     """(rank, world_size, local_rank); a lone ``python -m`` run becomes a world of one."""
+    global _LAUNCHER
     if "RANK" not in os.environ:
+        _LAUNCHER = "python"
         import socket
 
         with socket.socket() as s:  # a free port for the one-process group
@@ -316,11 +324,11 @@ def main(argv=None) -> int:
 def _run(args, argv, device_type, rank, world_size, local_rank) -> int:
     from torch.distributed.device_mesh import init_device_mesh
 
+    from .device import pick_device
     from .train import set_checkpointing
 
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
-    # the package's choice of compute dtype: bf16 on a GPU that has it, float32 on a CPU
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device_type == "cuda" else torch.float32
+    dtype = pick_device(device_type).dtype  # the package's choice: bf16 on a GPU that has it, float32 on a CPU
     if args.batch % world_size:
         raise SystemExit(f"--batch {args.batch} does not split evenly over {world_size} ranks")
 
@@ -329,7 +337,11 @@ def _run(args, argv, device_type, rank, world_size, local_rank) -> int:
     check_shardable(model, dtype, device)
     if args.grad_ckpt:
         set_checkpointing(model, True)
-    shard(model, init_device_mesh(device_type, (world_size,)))
+    if args.no_shard:
+        if world_size != 1:
+            raise SystemExit("--no-shard is the one-device baseline: run it with --nproc_per_node=1")
+    else:
+        shard(model, init_device_mesh(device_type, (world_size,)))
     if device_type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -339,11 +351,12 @@ def _run(args, argv, device_type, rank, world_size, local_rank) -> int:
     result = train(model, batches, device, lr=args.lr, max_grad_norm=args.max_grad_norm or None,
                    rank=rank, world_size=world_size)
     peak = torch.cuda.max_memory_allocated(device) if device_type == "cuda" else None
+    reserved = torch.cuda.max_memory_reserved(device) if device_type == "cuda" else None
 
     tensors = gather_adapter(model)  # a collective: every rank takes part
     per_rank = [None] * world_size
-    dist.all_gather_object(per_rank, {"rank": rank, "peak_allocated_bytes": peak, **resting,
-                                      "step_s": result["step_s"]})
+    dist.all_gather_object(per_rank, {"rank": rank, "peak_allocated_bytes": peak, "peak_reserved_bytes": reserved,
+                                      **resting, "step_s": result["step_s"]})
     if rank == 0:
         if args.out:
             from .adapters import save_adapter
@@ -354,8 +367,8 @@ def _run(args, argv, device_type, rank, world_size, local_rank) -> int:
         run = _record(args, argv, device, world_size, result["losses"], step_s, per_rank)
         print(json.dumps({k: run[k] for k in ("model", "world_size", "step_s", "tokens_per_s", "losses")}))
         for r in per_rank:
-            gib = r["peak_allocated_bytes"] / 2 ** 30 if r["peak_allocated_bytes"] is not None else float("nan")
-            print(f"rank {r['rank']}: peak {gib:.2f} GiB, weights held {r['param_bytes'] / 2 ** 30:.3f} GiB, "
+            peak = "n/a" if r["peak_allocated_bytes"] is None else f"{r['peak_allocated_bytes'] / 2 ** 30:.2f} GiB"
+            print(f"rank {r['rank']}: peak allocated {peak}, weights held {r['param_bytes'] / 2 ** 30:.3f} GiB, "
                   f"block scales {r['quant_state_bytes'] / 2 ** 30:.3f} GiB")
         if args.json:
             _write_json(Path(args.json), run)
@@ -367,20 +380,21 @@ def _record(args, argv, device, world_size, losses, step_s, per_rank) -> dict:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return {
-        "model": args.model, "world_size": world_size, "batch": args.batch, "seq": args.seq,
-        "r": args.lora_r, "alpha": args.lora_alpha, "grad_ckpt": args.grad_ckpt, "double_quant": args.double_quant,
+        "model": args.model, "world_size": world_size, "sharded": not args.no_shard,
+        "batch": args.batch, "seq": args.seq, "r": args.lora_r, "alpha": args.lora_alpha,
+        "grad_ckpt": args.grad_ckpt, "double_quant": args.double_quant,
         "steps": args.steps, "warmup": args.warmup, "step_s": step_s,
         "tokens_per_s": args.batch * args.seq / step_s, "losses": losses,
         "ranks": [{k: v for k, v in r.items() if k != "step_s"} for r in per_rank],
         "device": device_name(device), **versions(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "command": f"torchrun --nproc_per_node={world_size} -m qlora_tutorial.fsdp {shlex.join(argv)}",
+        "command": f"{_LAUNCHER.format(n=world_size)} -m qlora_tutorial.fsdp {shlex.join(argv)}",
     }
 
 
 def _write_json(path: Path, run: dict) -> None:
     """Add ``run`` to the results file, replacing a run with the same settings."""
-    key = ("model", "world_size", "batch", "seq", "r", "grad_ckpt", "double_quant", "device")
+    key = ("model", "world_size", "sharded", "batch", "seq", "r", "grad_ckpt", "double_quant", "device")
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
     runs = [r for r in runs if tuple(r.get(k) for k in key) != tuple(run[k] for k in key)] + [run]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ process trains the same model on the whole batch without FSDP. They must agree:
 
 * the loss curves to a relative 1e-5: each step's loss is a mean over the same tokens, summed in
   another order (two half-batch means averaged, against one mean over the whole batch);
-* the adapters to 0.05 * lr per weight (see ``ADAPTER_ATOL``).
+* the adapters: 99% of the weights to 1e-3 * lr, every weight to 0.25 * lr (see ``ADAPTER_ATOL``).
 """
 from __future__ import annotations
 
@@ -29,10 +29,14 @@ ROOT = Path(qlora_tutorial.__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 STEPS, BATCH, SEQ, LR = 4, 4, 32, 1e-2
 # The gradients of the two runs are the same sums added in another order (within each rank, then
-# across ranks, against one sum over the whole batch), so they differ in their last bits. AdamW
-# divides each gradient by its own running size, so a weight whose gradient is mostly rounding noise
-# can take a step that differs by a sizeable part of lr; measured: at most 0.005 * lr after 4 steps.
-ADAPTER_ATOL = 0.05 * LR
+# across ranks, against one sum over the whole batch), so they differ in their last bits. For almost
+# every weight that changes the AdamW step by a similarly tiny relative amount: 99% of the weights must
+# agree to 1e-3 * lr. But AdamW divides each gradient by its own running size, so a weight whose
+# gradient is mostly rounding noise takes a step of about lr either way, in whichever direction the
+# noise points. Measured on this machine: 3 of the 8192 LoRA weights differ by more than 0.001 * lr,
+# the largest by 0.02 * lr (the median weight moved by 1.7 * lr). ADAPTER_ATOL bounds those few.
+ADAPTER_ATOL = 0.25 * LR
+ADAPTER_CLOSE = 1e-3 * LR
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
@@ -125,10 +129,13 @@ def test_two_ranks_match_one_process(tmp_path):
     config, saved = read_adapter(out)
     ours = fsdp.gather_adapter(model)
     assert saved.keys() == ours.keys() and config["r"] == 4 and config["mode"] == "qlora"
-    for key in ours:
-        torch.testing.assert_close(saved[key], ours[key], rtol=0, atol=ADAPTER_ATOL, msg=key)
-    moved = max((ours[k] - initial[k]).abs().max().item() for k in ours)
-    assert moved > 20 * ADAPTER_ATOL  # far more than the tolerance: the comparison is not trivially true
+    diff = torch.cat([(saved[k] - ours[k]).abs().flatten() for k in ours])
+    assert diff.max() <= ADAPTER_ATOL, diff.max()
+    assert (diff <= ADAPTER_CLOSE).float().mean() >= 0.99, (diff > ADAPTER_CLOSE).sum()
+    moved = torch.cat([(ours[k] - initial[k]).abs().flatten() for k in ours])
+    assert moved.median() > 100 * ADAPTER_CLOSE  # training moved the weights far more than the tolerance
+    print(f"{diff.numel()} LoRA weights: {(diff > ADAPTER_CLOSE).sum().item()} differ by more than 1e-3 * lr, "
+          f"the largest by {diff.max().item() / LR:.3g} * lr; median update {moved.median().item() / LR:.3g} * lr")
 
     # One device reads the adapter into a plain model (4-bit bytes kept as uint8 there) and computes
     # exactly what the single-process model computes with the same matrices.
