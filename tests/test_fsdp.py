@@ -148,3 +148,18 @@ def test_two_ranks_match_one_process(tmp_path):
             getattr(model.get_submodule(name), attr).copy_(value)
         ids = batches[0]
         assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_save_adapter_checks_the_tensors_it_is_given(tmp_path):
+    from qlora_tutorial.adapters import adapter_tensors, save_adapter
+
+    model = fsdp.build_model("tiny-random", CPU, torch.float32, r=2, alpha=4)
+    tensors = fsdp.gather_adapter(model)  # unsharded: the model's own matrices
+    assert tensors.keys() == adapter_tensors(model).keys()
+    assert all(torch.equal(tensors[k], v) for k, v in adapter_tensors(model).items())
+    key = next(iter(tensors))
+    with pytest.raises(ValueError, match=f"missing: {key}"):
+        save_adapter(model, tmp_path / "a", tensors={k: v for k, v in tensors.items() if k != key})
+    with pytest.raises(ValueError, match="has shape"):
+        save_adapter(model, tmp_path / "b", tensors={**tensors, key: tensors[key].T})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
