@@ -12,15 +12,19 @@ and the optimizer updates only that piece.
 
 What has to be true for the 4-bit weights to survive this:
 
-* **One storage dtype.** bitsandbytes packs two 4-bit codes into a byte and keeps the packed weight
-  as a (bytes, 1) uint8 tensor, with its block scales in a separate ``quant_state`` that FSDP never
-  sees. ``set_quant_storage`` reinterprets those bytes as the dtype of the model's other weights
-  (bfloat16 on a GPU, float32 on a CPU), as bitsandbytes' ``quant_storage`` option does: the same
-  bytes, viewed as half as many 16-bit (or a quarter as many 32-bit) elements. FSDP then shards,
-  casts and gathers them like every other weight of that dtype. FSDP1 flattens a whole layer into
-  one tensor of one dtype and refuses mixed dtypes outright; FSDP2 copes with a mixture by
-  gathering raw bytes, but a mixed-precision policy (``param_dtype``) would *cast* the values of
-  uint8 codes. Matching the storage dtype to the gathered dtype makes every cast a no-op.
+* **A storage dtype FSDP can handle.** bitsandbytes packs two 4-bit codes into a byte and keeps the
+  packed weight as a (bytes, 1) uint8 tensor, with its block scales in a separate ``quant_state``
+  that FSDP never sees. ``set_quant_storage`` reinterprets those bytes as the dtype of the model's
+  other weights (bfloat16 on a GPU, float32 on a CPU), as bitsandbytes' ``quant_storage`` option
+  does: the same bytes, viewed as half as many 16-bit (or a quarter as many 32-bit) elements.
+  FSDP1, on which Answer.AI's FSDP-QLoRA was built, flattens a whole layer into one tensor and
+  needs one dtype for all of it: there this is a must. FSDP2 shards each tensor on its own and
+  gathers a mixture of dtypes as raw bytes, so uint8 works too (``--quant-storage uint8``; the CPU
+  test run gave the same losses to the last bit). What FSDP2 does not forgive is packed bytes held
+  in a floating-point dtype *other* than the one it gathers in: a mixed-precision policy
+  (``param_dtype``) converts floating-point tensors as numbers, and would scramble the codes
+  (integer tensors it leaves alone). The default here, the model's own dtype, is the convention
+  of Answer.AI's FSDP-QLoRA and torchtune, and every cast is then a no-op.
 * **The block scales are replicated.** ``quant_state`` (absmax, the NF4 code) is an attribute, not
   a parameter: every rank keeps the whole of it, about 1/16 byte per weight without double
   quantization.
@@ -82,8 +86,10 @@ def model_config(name: str):
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, *, r: int = 16, alpha: float = 32,
-                targets=TARGETS, seed: int = 0, double_quant: bool = False) -> nn.Module:
-    """The model of ``name`` in ``dtype`` on ``device``, wrapped in QLoRA mode, its 4-bit bytes stored as ``dtype``.
+                targets=TARGETS, seed: int = 0, double_quant: bool = False,
+                quant_storage: torch.dtype | None = None) -> nn.Module:
+    """The model of ``name`` in ``dtype`` on ``device``, wrapped in QLoRA mode, its 4-bit bytes stored as
+    ``quant_storage`` (default: ``dtype``; ``torch.uint8`` keeps bitsandbytes' own layout).
 
     Every rank calls this with the same seed and gets the same weights, LoRA matrices included.
     """
@@ -93,7 +99,9 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, *, r: int =
     torch.manual_seed(seed + 1)  # the LoRA initialisation, the same on every rank
     quantize_model(model, targets, alpha, r, use_qlora=True, compute_dtype=dtype,
                    compress_statistics=double_quant)
-    set_quant_storage(model, dtype)
+    quant_storage = quant_storage or dtype
+    if quant_storage != torch.uint8:
+        set_quant_storage(model, quant_storage)
     return model
 
 
@@ -149,9 +157,14 @@ def restore_4bit_weight(layer: Qlora_4_bit, args) -> None:
 
 
 def check_shardable(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-    """Every 4-bit weight stored as ``dtype``; on a CPU every row a whole number of blocks."""
+    """Every 4-bit weight stored as ``dtype`` (or uint8); on a CPU every row a whole number of blocks.
+
+    Packed bytes stored in another floating-point dtype are a trap: a cast to the model's dtype (by
+    ``model.to``, or by an FSDP mixed-precision policy, which leaves only integer tensors alone)
+    would convert the codes as if they were numbers.
+    """
     for name, layer in _4bit_layers(model):
-        if layer.weight.dtype != dtype:
+        if layer.weight.dtype not in (dtype, torch.uint8):
             raise ValueError(f"{name}: its 4-bit bytes are stored as {layer.weight.dtype}, the model's other "
                              f"weights as {dtype}; call set_quant_storage(model, {dtype}) before sharding")
         if device.type == "cpu" and layer.in_features % layer.quant_state.blocksize:
@@ -260,6 +273,8 @@ def parse_args(argv=None):
     p.add_argument("--double-quant", action="store_true", help="compress_statistics=True")
     p.add_argument("--grad-ckpt", action="store_true", help="non-reentrant activation checkpointing")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quant-storage", default="model", choices=("model", "uint8"),
+                   help="the element type of the packed 4-bit bytes: the model's dtype (default) or uint8")
     p.add_argument("--no-shard", action="store_true",
                    help="one process without FSDP: the plain single-device baseline (world_size must be 1)")
     p.add_argument("--out", help="folder for the adapter (save_adapter's format), written by rank 0")
@@ -333,7 +348,8 @@ def _run(args, argv, device_type, rank, world_size, local_rank) -> int:
         raise SystemExit(f"--batch {args.batch} does not split evenly over {world_size} ranks")
 
     model = build_model(args.model, device, dtype, r=args.lora_r, alpha=args.lora_alpha, seed=args.seed,
-                        double_quant=args.double_quant)
+                        double_quant=args.double_quant,
+                        quant_storage=torch.uint8 if args.quant_storage == "uint8" else dtype)
     check_shardable(model, dtype, device)
     if args.grad_ckpt:
         set_checkpointing(model, True)
@@ -364,7 +380,7 @@ def _run(args, argv, device_type, rank, world_size, local_rank) -> int:
             save_adapter(model, args.out, tensors=tensors)
         # a step takes as long as its slowest rank; the median over the steps after the warm-up
         step_s = statistics.median(max(r["step_s"][i] for r in per_rank) for i in range(args.warmup, args.steps))
-        run = _record(args, argv, device, world_size, result["losses"], step_s, per_rank)
+        run = _record(args, argv, model, device, world_size, result["losses"], step_s, per_rank)
         print(json.dumps({k: run[k] for k in ("model", "world_size", "step_s", "tokens_per_s", "losses")}))
         for r in per_rank:
             peak = "n/a" if r["peak_allocated_bytes"] is None else f"{r['peak_allocated_bytes'] / 2 ** 30:.2f} GiB"
@@ -375,7 +391,7 @@ def _run(args, argv, device_type, rank, world_size, local_rank) -> int:
     return 0
 
 
-def _record(args, argv, device, world_size, losses, step_s, per_rank) -> dict:
+def _record(args, argv, model, device, world_size, losses, step_s, per_rank) -> dict:
     from .bench import device_name, versions
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -383,6 +399,7 @@ def _record(args, argv, device, world_size, losses, step_s, per_rank) -> dict:
         "model": args.model, "world_size": world_size, "sharded": not args.no_shard,
         "batch": args.batch, "seq": args.seq, "r": args.lora_r, "alpha": args.lora_alpha,
         "grad_ckpt": args.grad_ckpt, "double_quant": args.double_quant,
+        "quant_storage": str(next(layer.weight.dtype for _, layer in _4bit_layers(model))).replace("torch.", ""),
         "steps": args.steps, "warmup": args.warmup, "step_s": step_s,
         "tokens_per_s": args.batch * args.seq / step_s, "losses": losses,
         "ranks": [{k: v for k, v in r.items() if k != "step_s"} for r in per_rank],
@@ -394,7 +411,8 @@ def _record(args, argv, device, world_size, losses, step_s, per_rank) -> dict:
 
 def _write_json(path: Path, run: dict) -> None:
     """Add ``run`` to the results file, replacing a run with the same settings."""
-    key = ("model", "world_size", "sharded", "batch", "seq", "r", "grad_ckpt", "double_quant", "device")
+    key = ("model", "world_size", "sharded", "batch", "seq", "r", "grad_ckpt", "double_quant", "quant_storage",
+           "device")
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
     runs = [r for r in runs if tuple(r.get(k) for k in key) != tuple(run[k] for k in key)] + [run]
     path.parent.mkdir(parents=True, exist_ok=True)
