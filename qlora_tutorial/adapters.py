@@ -121,18 +121,38 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- our format
-def save_adapter(model: nn.Module, path) -> Path:
+def save_adapter(model: nn.Module, path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's LoRA matrices and their config into the folder ``path``; return the folder.
 
     Two files: ``adapter.safetensors`` (only the W_a/W_b tensors, float32 as trained) and
     ``adapter.json``. The frozen base is not stored: it is the base model itself.
+    ``tensors``: the matrices to write instead of the model's own, e.g. gathered from the shards
+    of an FSDP-sharded model (``qlora_tutorial.fsdp.gather_adapter``); they must be exactly the
+    model's ``<layer>.W_a`` / ``<layer>.W_b``, in their shapes.
     """
     config = adapter_config(model)
+    if tensors is None:
+        tensors = adapter_tensors(model)
+    else:
+        _check_given_tensors(model, tensors)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def _check_given_tensors(model: nn.Module, tensors: dict) -> None:
+    layers = lora_layers(model)
+    expected = {f"{n}.{m}": (layer.in_features, layer.r) if m == "W_a" else (layer.r, layer.out_features)
+                for n, layer in layers.items() for m in ("W_a", "W_b")}
+    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    if missing or unexpected:
+        raise ValueError(f"tensors must hold exactly the model's LoRA matrices; missing: {_list(missing) or 'none'}; "
+                         f"not in the model: {_list(unexpected) or 'none'}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"tensors[{key!r}] has shape {tuple(tensors[key].shape)}, the model's is {shape}")
 
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
