@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .layer import Qlora_4_bit
-from .model import lora_parameters, quantize_model
+from .quantize import lora_parameters, quantize_model
 
 # every linear layer of a Llama decoder layer (lm_head stays as it is)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -86,7 +86,7 @@ def model_config(name: str):
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, *, r: int = 16, alpha: float = 32,
-                targets=TARGETS, seed: int = 0, double_quant: bool = False,
+                targets=TARGETS, seed: int = 0, double_quant: bool = True,
                 quant_storage: torch.dtype | None = None) -> nn.Module:
     """The model of ``name`` in ``dtype`` on ``device``, wrapped in QLoRA mode, its 4-bit bytes stored as
     ``quant_storage`` (default: ``dtype``; ``torch.uint8`` keeps bitsandbytes' own layout).
@@ -270,7 +270,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 turns clipping off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--double-quant", action="store_true", help="compress_statistics=True")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="compress_statistics=False (default: double quantization, as the QLoRA paper)")
     p.add_argument("--grad-ckpt", action="store_true", help="non-reentrant activation checkpointing")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quant-storage", default="model", choices=("model", "uint8"),

@@ -40,14 +40,17 @@ QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANTIZED_LINEAR_TYPES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
-def default_compute_dtype() -> torch.dtype:
-    """The dtype 4-bit layers compute in when none is given: the device helper's choice.
+def default_compute_dtype(device=None) -> torch.dtype:
+    """The dtype a 4-bit layer computes in when none is given: the device helper's choice for the
+    device its weight lives on.
 
     float32 on a CPU, bfloat16 on a GPU that supports it, else float16 (see ``device.pick_device``).
+    A weight on the ``meta`` device (a model planned before it is placed) gets this machine's choice.
     """
     from .device import pick_device
 
-    return pick_device().dtype
+    kind = torch.device(device).type if device is not None else None
+    return pick_device(kind if kind in ("cpu", "cuda") else None).dtype
 
 
 def check_plain_linear(linear, name: str = "layer") -> None:
@@ -169,7 +172,7 @@ class Qlora_4_bit(nn.Module):
         self.scale = lora_scale(alpha, r, rslora)
 
         if self.use_qlora:
-            self.quant_nn = self._make_4bit(linear, compute_dtype or default_compute_dtype(),
+            self.quant_nn = self._make_4bit(linear, compute_dtype or default_compute_dtype(weight.device),
                                             compress_statistics, quant_type, blocksize, where)
         else:
             # LoRA mode: the base *is* the given layer (no copy, its own dtype), frozen.
