@@ -2,8 +2,8 @@
 
     python3 -m qlora_tutorial.dev book      # build the book into _build/html
     python3 -m qlora_tutorial.dev test      # every test: package, notebooks (nbval), site, browser
-    python3 -m qlora_tutorial.dev test --portable   # maintainers: nbval over every chapter under
-                                                    # other CPU kernels and thread counts (PORTABILITY)
+    python3 -m qlora_tutorial.dev test --portable [book/NN_name.ipynb ...]   # maintainers: nbval over
+                               # every chapter under other CPU kernels and thread counts (PORTABILITY)
     python3 -m qlora_tutorial.dev execute [book/NN_name.ipynb ...]   # re-run chapters, write outputs
 
 Each command first makes sure that ``.venv`` holds the pinned requirements (``.ci/constraints.txt``)
@@ -210,14 +210,15 @@ PORTABILITY = {
 }
 
 
-def nbval_command() -> list:
-    """`pytest --nbval` over every chapter; conftest.py supplies the rest (sanitize, stderr, env)."""
+def nbval_command(notebooks: list[str] = ()) -> list:
+    """`pytest --nbval` over the chapters; conftest.py supplies the rest (sanitize, stderr, env)."""
     return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval",
-            *[str(p.relative_to(ROOT)) for p in chapters()]]
+            *(notebooks or [str(p.relative_to(ROOT)) for p in chapters()])]
 
 
-def portable() -> None:
-    """nbval over every chapter in each configuration of PORTABILITY; a table of passes and times."""
+def portable(notebooks: list[str] = ()) -> None:
+    """nbval over every chapter (or the notebooks named) in each configuration of PORTABILITY;
+    prints a table of passes and times."""
     results = []
     for name, extra in PORTABILITY.items():
         env = {**os.environ, **extra}
@@ -227,7 +228,7 @@ def portable() -> None:
         log(f"{name}: {' '.join(f'{k}={v}' for k, v in extra.items()) or '(no variables)'}; "
             f"torch sees kernels {probe[0]}, {probe[1]} threads")
         start = time.time()
-        proc = subprocess.run([str(c) for c in nbval_command()], cwd=ROOT, env=env, capture_output=True, text=True)
+        proc = subprocess.run([str(c) for c in nbval_command(notebooks)], cwd=ROOT, env=env, capture_output=True, text=True)
         secs = time.time() - start
         summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "(no output)"
         counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", summary)}
@@ -245,7 +246,7 @@ def portable() -> None:
 
 def test(args: list[str] = ()) -> None:
     if "--portable" in args:
-        portable()
+        portable([a for a in args if a != "--portable"])
         return
     timings = {}
     start = time.time()
