@@ -205,8 +205,9 @@ PORTABILITY = {
     "native kernels": {},
     "AVX2-only kernels": AVX2,
     "generic kernels (ATEN_CPU_CAPABILITY=default)": {"ATEN_CPU_CAPABILITY": "default"},
-    "1 thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-    "4 threads": {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"},
+    "1 thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "QLORA_NUM_THREADS": "1"},
+    # torch takes at most one thread per core from OMP_NUM_THREADS; start_chapter applies this one
+    "4 threads": {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4", "QLORA_NUM_THREADS": "4"},
 }
 
 
@@ -223,7 +224,8 @@ def portable(notebooks: list[str] = ()) -> None:
     for name, extra in PORTABILITY.items():
         env = {**os.environ, **extra}
         probe = subprocess.run(
-            [PY, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())"],
+            [PY, "-c", "import torch; from qlora_tutorial.device import apply_num_threads as n; "
+                       "print(torch.backends.cpu.get_cpu_capability(), n())"],
             env=env, capture_output=True, text=True, check=True).stdout.split()
         log(f"{name}: {' '.join(f'{k}={v}' for k, v in extra.items()) or '(no variables)'}; "
             f"torch sees kernels {probe[0]}, {probe[1]} threads")

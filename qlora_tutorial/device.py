@@ -55,10 +55,22 @@ def seed_everything(seed: int = 0) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def apply_num_threads() -> int:
+    """Use ``QLORA_NUM_THREADS`` CPU threads if it is set; return torch's thread count.
+
+    torch takes no more threads from ``OMP_NUM_THREADS`` than the machine has cores, so the
+    portability matrix (``dev test --portable``) sets this variable to run chapters with more.
+    """
+    if os.environ.get("QLORA_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["QLORA_NUM_THREADS"]))
+    return torch.get_num_threads()
+
+
 def start_chapter(seed: int = 0) -> Runtime:
     """What every chapter does first: pick device and dtype, print them with versions, seed."""
     from .doctor import versions
 
+    apply_num_threads()
     runtime = pick_device()
     v = versions()
     print(runtime)
