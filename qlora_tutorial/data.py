@@ -1,6 +1,6 @@
-"""Data the book trains and evaluates on: the seed's quotes, offline by default.
+"""Data the book trains and evaluates on: the original README's quotes, offline by default.
 
-The seed fine-tunes on the hub dataset ``Abirate/english_quotes`` (columns ``quote``, ``author``,
+The original README fine-tunes on the hub dataset ``Abirate/english_quotes`` (columns ``quote``, ``author``,
 ``tags``). No machine of this project can reach the hub, so the default here is a small dataset with
 the same columns that ships inside the package: 77 short, well-known quotations written out for this
 book (mostly by authors long in the public domain), each with its popular attribution (some of
@@ -25,7 +25,7 @@ def shipped_quotes() -> list[dict]:
 def load_quotes(source: str = "shipped"):
     """The quotes as a ``datasets.Dataset`` with columns quote, author, tags.
 
-    source="shipped" (default, works offline) or "hub" (the seed's ``Abirate/english_quotes``
+    source="shipped" (default, works offline) or "hub" (the original README's ``Abirate/english_quotes``
     train split; needs hub access, e.g. on Colab).
     """
     import datasets

@@ -2,8 +2,11 @@
 
 CPU: float32. How fast bfloat16 runs on a CPU depends on the processor (some have bfloat16
 instructions, some do not): ``time_matmul`` measures it on yours, and the setup chapter shows the
-result. float32 is fast on every CPU and gives the same numbers on every CPU, which is what lets the
-tests compare the chapters' outputs.
+result. float32 is fast on every CPU and takes the same code path on every CPU, which is what lets
+the tests compare the chapters' printed outputs. It is not bit-identical across CPUs: the vector
+instructions (AVX-512, AVX2, none) and the number of threads change how sums and matrix products
+group their terms, so the last bits differ. Chapters therefore print exact values exactly and round
+the rest past that difference (``python3 tools/dev.py test --portable`` checks it).
 CUDA: bf16 where the GPU supports it (Ampere and newer), else fp16 (a Colab T4).
 """
 from __future__ import annotations
@@ -67,8 +70,20 @@ def versions() -> dict[str, str]:
     return out
 
 
+def apply_num_threads() -> int:
+    """Use ``QLORA_NUM_THREADS`` CPU threads if it is set; return torch's thread count.
+
+    torch takes no more threads from ``OMP_NUM_THREADS`` than the machine has cores, so the
+    portability matrix (``dev test --portable``) sets this variable to run chapters with more.
+    """
+    if os.environ.get("QLORA_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["QLORA_NUM_THREADS"]))
+    return torch.get_num_threads()
+
+
 def start_chapter(seed: int = 0) -> Runtime:
     """What every chapter does first: pick device and dtype, print them with versions, seed."""
+    apply_num_threads()
     runtime = pick_device()
     v = versions()
     print(runtime)

@@ -1,6 +1,6 @@
 """Fine-tuning with the Hugging Face ``Trainer``: data preparation, the run, and the task's score.
 
-The seed hands the raw quotes dataset straight to the ``Trainer``. That cannot work: a causal LM
+The original README hands the raw quotes dataset straight to the ``Trainer``. That cannot work: a causal LM
 trains on token ids and labels, not on strings. The pieces here do the missing steps:
 
 * ``tokenize_texts`` (quotes: learn every token) and ``tokenize_prompt_answer`` (the date task:
@@ -9,7 +9,7 @@ trains on token ids and labels, not on strings. The pieces here do the missing s
   attention mask, not by token id: SmolLM2's pad token *is* its end-of-text token, and
   ``DataCollatorForLanguageModeling`` (which masks every pad-id token) would hide the end-of-text
   token the model must learn to emit;
-* ``training_arguments`` holds the seed's recipe (batch 4, accumulation 4, lr 2e-4, 60 steps, a log
+* ``training_arguments`` holds the original README's recipe (batch 4, accumulation 4, lr 2e-4, 60 steps, a log
   every 5) and the dtype flags for a GPU; ``make_trainer`` builds a ``Trainer`` whose progress bar goes
   to stderr and that prints nothing else, so a notebook's printed output stays deterministic;
 * ``generate`` and ``evaluate_task`` give greedy answers and exact-match accuracy on held-out data.
@@ -96,7 +96,7 @@ class PadCollator:
 
 
 # ---------------------------------------------------------------- the Trainer
-SEED_RECIPE = dict(per_device_train_batch_size=4, gradient_accumulation_steps=4, learning_rate=2e-4,
+ORIGINAL_RECIPE = dict(per_device_train_batch_size=4, gradient_accumulation_steps=4, learning_rate=2e-4,
                    max_steps=60, logging_steps=5)
 
 
@@ -108,7 +108,7 @@ def precision_flags(dtype: torch.dtype, device_type: str) -> dict:
 
 
 def training_arguments(output_dir: str, runtime=None, seed: int = 0, **overrides):
-    """``TrainingArguments`` for the seed's recipe (``SEED_RECIPE``), changed by ``overrides``.
+    """``TrainingArguments`` for the original README's recipe (``ORIGINAL_RECIPE``), changed by ``overrides``.
 
     Deterministic on a CPU: fixed seed, no dataloader workers, nothing reported to a tracker, no
     checkpoints written. ``runtime`` (from ``device.pick_device``) picks bf16/fp16 on a GPU.
@@ -120,7 +120,7 @@ def training_arguments(output_dir: str, runtime=None, seed: int = 0, **overrides
     from .device import pick_device
 
     runtime = runtime or pick_device()
-    settings = dict(SEED_RECIPE)
+    settings = dict(ORIGINAL_RECIPE)
     settings.update(output_dir=output_dir, seed=seed, data_seed=seed, dataloader_num_workers=0,
                     report_to="none", save_strategy="no", logging_strategy="steps",
                     use_cpu=runtime.device.type == "cpu", remove_unused_columns=False)

@@ -20,3 +20,23 @@ def test_chapters_follow_the_toc():
     assert chapters, "no chapter notebooks found from _toc.yml"
     positions = [toc.index(f"file: {p.relative_to(dev.ROOT).with_suffix('')}") for p in chapters]
     assert positions == sorted(positions)
+
+
+def test_portability_matrix_covers_the_cpus_readers_have():
+    """The matrix the maintainers run: native, AVX2-only and generic kernels, 1 and 4 threads."""
+    envs = list(dev.PORTABILITY.values())
+    assert {} in envs
+    assert {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"} in envs
+    assert {"ATEN_CPU_CAPABILITY": "default"} in envs
+    threads = sorted(int(e["OMP_NUM_THREADS"]) for e in envs if "OMP_NUM_THREADS" in e)
+    assert threads == [1, 4] and all(e["MKL_NUM_THREADS"] == e["OMP_NUM_THREADS"] for e in envs if "OMP_NUM_THREADS" in e)
+
+
+def test_nbval_command_is_plain_pytest_nbval():
+    """The test command runs what a reader's CI runs: `pytest --nbval` and the chapters, nothing more
+    (conftest.py supplies the sanitize rules, the stderr policy and the environment)."""
+    cmd = [str(c) for c in dev.nbval_command()]
+    assert cmd[1:3] == ["-m", "pytest"] and "--nbval" in cmd
+    assert not [c for c in cmd if c.startswith("--nbval-")]  # no sanitize file, no kernel flags
+    assert [cmd[i + 1] for i, c in enumerate(cmd) if c == "-p"] == ["no:cacheprovider"]  # no extra plugin
+    assert [c for c in cmd if c.endswith(".ipynb")] == [str(p.relative_to(dev.ROOT)) for p in dev.chapters()]

@@ -60,7 +60,7 @@ def test_tiny_llama_has_llama_layer_names():
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
 
 
-def test_quotes_have_the_seed_columns():
+def test_quotes_have_the_original_columns():
     data = load_quotes()
     assert tuple(data.column_names) == COLUMNS
     assert data.num_rows == len(shipped_quotes()) == 77

@@ -61,3 +61,14 @@ def test_no_machine_paths(path):
     text = path.read_text()
     for needle in ("/work/", "/root/", "/home/"):
         assert needle not in text, f"{path.name} contains the machine path {needle!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_ignored_outputs_are_asserted(path):
+    """A cell whose output nbval does not compare (timings, training on another CPU) must still check
+    what it computed, or a wrong result there would pass unseen."""
+    for cell in code_cells(path):
+        source = "".join(cell["source"])
+        if source.lstrip().startswith("# NBVAL_IGNORE_OUTPUT"):
+            assert re.search(r"^\s*assert\b", source, re.M), (
+                f"{path.name}: an NBVAL_IGNORE_OUTPUT cell asserts nothing:\n{source[:300]}")

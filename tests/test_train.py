@@ -67,7 +67,7 @@ def test_precision_flags():
     assert T.precision_flags(torch.float32, "cpu") == {"bf16": False, "fp16": False}
 
 
-def test_training_arguments_seed_recipe(tmp_path):
+def test_training_arguments_original_recipe(tmp_path):
     args = T.training_arguments(str(tmp_path), Runtime(torch.device("cpu"), torch.float32))
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.learning_rate,
             args.max_steps, args.logging_steps) == (4, 4, 2e-4, 60, 5)

@@ -2,6 +2,8 @@
 
     python3 tools/dev.py book      # build the book into _build/html
     python3 tools/dev.py test      # every test: package, notebooks (nbval), site, browser
+    python3 tools/dev.py test --portable [book/NN_name.ipynb ...]   # maintainers: nbval over
+                               # every chapter under other CPU kernels and thread counts (PORTABILITY)
     python3 tools/dev.py execute [book/NN_name.ipynb ...]   # re-run chapters, write outputs
 
 Each command first makes sure that ``.venv`` holds the pinned requirements (``.ci/constraints.txt``)
@@ -193,15 +195,66 @@ def sanitize_file() -> str:
     return str(path.relative_to(ROOT))
 
 
-def test() -> None:
+# The configurations of `test --portable`: a reader's CPU may have other vector instructions than
+# the machine that recorded the outputs, and another number of cores. float32 takes the same code
+# path on every CPU, but sums and matrix products group their terms differently with the
+# instruction set and the thread count, so the last bits differ; every chapter must pass anyway.
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+PORTABILITY = {
+    "native kernels": {},
+    "AVX2-only kernels": AVX2,
+    "generic kernels (ATEN_CPU_CAPABILITY=default)": {"ATEN_CPU_CAPABILITY": "default"},
+    "1 thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "QLORA_NUM_THREADS": "1"},
+    # torch takes at most one thread per core from OMP_NUM_THREADS; start_chapter applies this one
+    "4 threads": {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4", "QLORA_NUM_THREADS": "4"},
+}
+
+
+def nbval_command(notebooks: list[str] = ()) -> list:
+    """`pytest --nbval` over the chapters; conftest.py supplies the rest (sanitize, stderr, env)."""
+    return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval",
+            *(notebooks or [str(p.relative_to(ROOT)) for p in chapters()])]
+
+
+def portable(notebooks: list[str] = ()) -> None:
+    """nbval over every chapter (or the notebooks named) in each configuration of PORTABILITY;
+    prints a table of passes and times."""
+    results = []
+    for name, extra in PORTABILITY.items():
+        env = {**os.environ, **extra}
+        probe = subprocess.run(
+            [PY, "-c", "import torch; from qlora_tutorial.device import apply_num_threads as n; "
+                       "print(torch.backends.cpu.get_cpu_capability(), n())"],
+            env=env, capture_output=True, text=True, check=True).stdout.split()
+        log(f"{name}: {' '.join(f'{k}={v}' for k, v in extra.items()) or '(no variables)'}; "
+            f"torch sees kernels {probe[0]}, {probe[1]} threads")
+        start = time.time()
+        proc = subprocess.run([str(c) for c in nbval_command(notebooks)], cwd=ROOT, env=env, capture_output=True, text=True)
+        secs = time.time() - start
+        summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "(no output)"
+        counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", summary)}
+        if proc.returncode != 0:
+            print(proc.stdout[-20000:], proc.stderr[-5000:], sep="\n", flush=True)
+        results.append((name, counts.get("passed", 0), counts.get("failed", 0) + counts.get("error", 0)
+                        + counts.get("errors", 0), secs, proc.returncode))
+        log(f"{name}: {summary}")
+    log(f"{'configuration':<46}{'passed':>7}{'failed':>7}{'seconds':>9}")
+    for name, passed, failed, secs, _ in results:
+        log(f"{name:<46}{passed:>7}{failed:>7}{secs:>9.0f}")
+    if any(rc != 0 for *_, rc in results):
+        raise SystemExit("some configuration failed: see its nbval report above")
+
+
+def test(args: list[str] = ()) -> None:
+    if "--portable" in args:
+        portable([a for a in args if a != "--portable"])
+        return
     timings = {}
     start = time.time()
     run([PY, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "--ignore=tests/site"])
     timings["package tests"] = time.time() - start
     start = time.time()
-    nbs = [str(p.relative_to(ROOT)) for p in chapters()]
-    run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.nbval_plugin", "--nbval",
-         "--nbval-current-env", "--nbval-sanitize-with", sanitize_file(), *nbs], env=kernel_env())
+    run(nbval_command())
     timings["notebooks (nbval)"] = time.time() - start
     start = time.time()
     book()
@@ -227,6 +280,8 @@ def main(argv: list[str]) -> int:
         reexec(argv)
     if argv[0] == "execute":
         execute(argv[1:])
+    elif argv[0] == "test":
+        test(argv[1:])
     elif argv[0] != "setup":
         commands[argv[0]]()
     return 0
