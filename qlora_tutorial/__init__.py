@@ -2,18 +2,23 @@
 
 Each chapter runs code from here. Read the modules in this order; each one uses only those above it:
 
-    chapter (site number, file)       module       what it holds
-    2  book/01_lora                   lora         LoRA math: scale, init, update, merge, counts, targets
-    3  book/03_number_formats         formats      float formats; absmax, zero-point, blockwise int8
-    4  book/04_nf4                    nf4          the 4-bit codes (NF4, FP4, INT4), blockwise 4-bit
-    5  book/05_double_quant_memory    nf4          ... and the 8-bit code of double quantization
-    6  book/06_layer                  layer        Qlora_4_bit: a frozen (4-bit) base plus W_a, W_b
-    7  book/07_quantize_model         quantize     quantize_model, freezing, logical parameter counts
-    9  book/09_adapters               adapters     save/load, PEFT export/import, merge
-    8  book/08_finetune               train        the Trainer set-up, tokenising, evaluation
-    5, 8-10                           memory       the bytes of weights, gradients, optimizer states,
-                                                   activations (one rule for 4-bit weights)
-    10 book/10_memory_speed           bench        the measured memory and speed suite
+    chapter (site number = file number)  module     what it holds
+    2   book/02_lora                    lora         LoRA math: scale, init, update, merge, counts, targets
+    3   book/03_number_formats          formats      float formats; absmax, zero-point, blockwise int8
+    4   book/04_nf4                     nf4          the 4-bit codes (NF4, FP4, INT4), blockwise 4-bit
+    5   book/05_double_quant_memory     nf4          ... and the 8-bit code of double quantization
+    6   book/06_layer                   layer        Qlora_4_bit: a frozen (4-bit) base plus W_a, W_b
+    7   book/07_quantize_model          quantize     quantize_model, freezing, logical parameter counts
+    8   book/08_finetune                train        the Trainer set-up, tokenising, evaluation
+    9   book/09_adapters                adapters     save/load, PEFT export/import, merge, whole models
+    10  book/10_standard_stack          (all above)  the same recipe with transformers + PEFT + bitsandbytes
+    11  book/11_inside_the_layer        matmul4bit   the 4-bit matmul as an autograd.Function; diagrams
+    5, 8-12                             memory       the bytes of weights, gradients, optimizer states,
+                                                     activations (one rule for 4-bit weights)
+    12  book/12_memory_speed            bench        the measured memory and speed suite
+    13  book/13_making_it_fast          fast         compiled and CUDA-graph training steps; nf4_triton,
+                                                     the NF4 dequantization kernel in Triton
+    12  book/12_memory_speed            fsdp         FSDP2 sharding of 4-bit models (torchrun entry point)
 
 Around them: ``device`` (device, dtype, seeds, versions; every chapter's first cell), ``models``
 and ``data`` (the offline model and data, chapter 1 on), ``tasks`` and ``evaluate`` (the date task

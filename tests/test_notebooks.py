@@ -54,6 +54,8 @@ def test_colab_cell_first(path):
     assert "google.colab" in first and REPO_URL in first, (
         f"{path.name}: the first code cell must install the package on Colab only, from {REPO_URL}")
     assert not re.search(r"pip[^\n]*install[^\n]*\btorch\b", first), f"{path.name}: never reinstall torch on Colab"
+    tags = code_cells(path)[0].get("metadata", {}).get("tags", [])
+    assert "remove-cell" in tags, f"{path.name}: the Colab install cell runs on Colab but is not shown on the site (tag remove-cell)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -72,3 +74,11 @@ def test_ignored_outputs_are_asserted(path):
         if source.lstrip().startswith("# NBVAL_IGNORE_OUTPUT"):
             assert re.search(r"^\s*assert\b", source, re.M), (
                 f"{path.name}: an NBVAL_IGNORE_OUTPUT cell asserts nothing:\n{source[:300]}")
+
+
+def test_file_numbers_are_the_site_numbers():
+    """The site numbers chapters 1, 2, ... across the numbered parts of _toc.yml; each chapter's file
+    name starts with the same number, so "chapter 9" and book/09_adapters.ipynb are one thing."""
+    chapters = re.findall(r"file:\s*book/(\d\d)_\S+", TOC)
+    assert chapters, "no numbered chapter files in _toc.yml"
+    assert [int(n) for n in chapters] == list(range(1, len(chapters) + 1)), chapters

