@@ -56,20 +56,11 @@ def parse_setups(text: str) -> list[tuple[str, str]]:
 
 def bench_config(name: str):
     """'tinyllama': TinyLlama-1.1B's architecture; 'tiny': a small Llama (the test/quick size)."""
-    from transformers import LlamaConfig
+    from ..models import training_config
 
-    from ..models import tinyllama_config
-
-    if name == "tinyllama":
-        config = tinyllama_config()
-    elif name == "tiny":
-        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             tie_word_embeddings=False)
-    else:
+    if name not in ("tinyllama", "tiny"):
         raise ValueError(f"unknown config {name!r}: use 'tinyllama' or 'tiny'")
-    config.use_cache = False
-    return config
+    return training_config(name)
 
 
 # ---------------------------------------------------------------- models
