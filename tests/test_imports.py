@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qlora_tutorial"
 
 
 def module_name(path: Path) -> str:
-    """The dotted name of a module: "lora" for lora.py, "bench" for bench/__init__.py, "bench.suite" for bench/suite.py."""
+    """A module's dotted name: "lora" for lora.py, "bench" for bench/__init__.py, "bench.suite" for bench/suite.py."""
     parts = path.relative_to(PACKAGE).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 

@@ -41,7 +41,8 @@ from .results import (CSV_COLUMNS, CSV_PATH, GIB, KERNELS_PATH, RAW_DATA_URL, RE
 from .speed import (COMPILED, DEFAULT_SPEED_SETUPS, OPTIMIZERS, Prepared, Setup, make_optimizer, parse_speed_setups,
                     run_rounds, speed_targets)
 from .step import Point, train_step
-from .suite import SETUPS, TARGETS, bench_config, build, measure, parse_setups, parse_shapes, run_suite, save_random_model
+from .suite import (SETUPS, TARGETS, bench_config, build, measure, parse_setups, parse_shapes, run_suite,
+                    save_random_model)
 
 __all__ = [
     # step

@@ -148,7 +148,8 @@ def bytes_check(weight: torch.Tensor) -> dict:
     return check
 
 
-def time_variants(variants, moved: int, reference: torch.Tensor, device, repeat: int, copy_bps: float, log) -> list[dict]:
+def time_variants(variants, moved: int, reference: torch.Tensor, device, repeat: int, copy_bps: float,
+                  log) -> list[dict]:
     """Each ``(name, fn, args_list)`` timed: seconds, GB/s, fraction of the copy bandwidth, and whether
     its output equals ``reference`` (bitsandbytes') to the bit."""
     rows = []
