@@ -65,24 +65,11 @@ MODELS = ("tiny-random", "tinyllama-random", "llama7b-random")
 # ---------------------------------------------------------------- models
 def model_config(name: str):
     """The architecture behind a --model name; every one is randomly initialised, nothing is downloaded."""
-    from transformers import LlamaConfig
+    from .models import training_config
 
-    from .models import llama7b_config, tinyllama_config
-
-    if name == "tinyllama-random":
-        config = tinyllama_config()
-    elif name == "llama7b-random":
-        config = llama7b_config()
-    elif name == "tiny-random":
-        # hidden and intermediate sizes are multiples of 64: bitsandbytes' CPU 4-bit kernel is only
-        # right when every row of a weight is a whole number of 64-value blocks
-        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             tie_word_embeddings=False)
-    else:
+    if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
-    config.use_cache = False
-    return config
+    return training_config(name.removesuffix("-random"))
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, *, r: int = 16, alpha: float = 32,

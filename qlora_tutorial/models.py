@@ -150,14 +150,34 @@ def build_from_config(config, device: str | torch.device = "meta", dtype: torch.
     return model
 
 
-def tiny_llama(hidden_size: int = 64, intermediate_size: int = 128, num_hidden_layers: int = 2,
-               vocab_size: int = 256, seed: int = 0):
-    """A small random Llama with the same layer names as SmolLM2/TinyLlama, for fast tests."""
+def tiny_llama_config(hidden_size: int = 64, intermediate_size: int = 128, num_hidden_layers: int = 2,
+                      vocab_size: int = 256):
+    """A small Llama's architecture, with the same layer names as SmolLM2/TinyLlama (tests, quick runs).
+
+    The default hidden and intermediate sizes are multiples of 64: bitsandbytes' CPU 4-bit kernel is
+    only right when every row of a weight is a whole number of 64-value blocks.
+    """
     from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, tie_word_embeddings=False,
     )
+
+
+def training_config(name: str):
+    """The architecture ``name`` ("tiny", "tinyllama", "llama7b"), to train from random weights (no KV cache)."""
+    configs = {"tiny": tiny_llama_config, "tinyllama": tinyllama_config, "llama7b": llama7b_config}
+    if name not in configs:
+        raise ValueError(f"unknown architecture {name!r}: choose one of {', '.join(configs)}")
+    config = configs[name]()
+    config.use_cache = False
+    return config
+
+
+def tiny_llama(hidden_size: int = 64, intermediate_size: int = 128, num_hidden_layers: int = 2,
+               vocab_size: int = 256, seed: int = 0):
+    """A small random Llama with the same layer names as SmolLM2/TinyLlama, for fast tests."""
+    config = tiny_llama_config(hidden_size, intermediate_size, num_hidden_layers, vocab_size)
     return build_from_config(config, device="cpu", seed=seed).eval()

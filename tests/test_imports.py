@@ -9,27 +9,55 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "qlora_tutorial"
 
 
-def imported_modules(path: Path) -> set[str]:
-    """The package modules ``path`` imports anywhere in its code ("lora", "nf4", ...)."""
-    found = set()
+def module_name(path: Path) -> str:
+    """A module's dotted name: "lora" for lora.py, "bench" for bench/__init__.py, "bench.suite" for bench/suite.py."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_files() -> list[Path]:
+    """Every module of the package, subpackages included, but the package's own ``__init__``."""
+    return sorted(p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py")
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """The package modules ``path`` imports anywhere in its code ("lora", "bench.suite", ...).
+
+    Importing a module of a subpackage from outside it runs the subpackage's ``__init__`` first:
+    that counts as importing the subpackage too.
+    """
+    me = module_name(path)
+    here = me.split(".") if path.name == "__init__.py" else me.split(".")[:-1]  # the importer's package
+    targets = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:  # from .lora import x
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:  # from . import lora, nf4
-                found.update(alias.name for alias in node.names)
-            elif node.level == 0 and (node.module or "").startswith("qlora_tutorial."):
-                found.add(node.module.split(".")[1])
-            elif node.level == 0 and node.module == "qlora_tutorial":
-                found.update(alias.name for alias in node.names)
+            module = node.module or ""
+            if node.level:  # from .lora import x, from . import lora, from ..memory import y
+                base = here[:len(here) - (node.level - 1)]
+            elif module.split(".")[0] == "qlora_tutorial":  # from qlora_tutorial.lora import x
+                base, module = [], module.partition(".")[2]
+            else:
+                continue
+            parent = base + (module.split(".") if module else [])
+            for alias in node.names:  # `from X import a`: a may be a module of X, or a name in X
+                sub = ".".join(parent + [alias.name])
+                targets.append(sub if sub in modules else ".".join(parent))
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("qlora_tutorial."))
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    return (found & modules) - {path.stem}
+            targets += [a.name.split(".", 1)[1] for a in node.names if a.name.startswith("qlora_tutorial.")]
+    found = set()
+    for target in targets:
+        parts = target.split(".")
+        for k in range(1, len(parts) + 1):  # the module and every subpackage above it
+            name = ".".join(parts[:k])
+            if name in modules and (k == len(parts) or not me.startswith(name + ".")):
+                found.add(name)
+    return found - {me}
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {p.stem: imported_modules(p) for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__init__"}
+    files = module_files()
+    modules = {module_name(p) for p in files}
+    return {module_name(p): imported_modules(p, modules) for p in files}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -63,6 +91,9 @@ def test_the_graph_holds_function_level_imports():
     graph = import_graph()
     assert "layer" in graph["quantize"] and "lora" in graph["layer"]  # top-level imports
     assert "models" in graph["memory"]  # an import inside a function
+    # a subpackage: its modules, relative imports two levels up, and importing it from outside
+    assert {"bench.suite", "bench.cli"} <= graph["bench"] and "memory" in graph["bench.suite"]
+    assert "bench.step" in graph["bench.suite"] and "bench" in graph["fsdp"]
 
 
 def test_no_import_cycle():
