@@ -96,6 +96,8 @@ def base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     bias = None if base.bias is None else base.bias.to(compute_dtype)
     # .data: the packed bytes without the Params4bit wrapper, which torch.compile cannot trace through
     packed = weight.data
+    if packed.dtype != torch.uint8:  # bytes stored as another dtype (quant_storage, as FSDP shards them)
+        packed = packed.view(torch.uint8)
     return nf4_linear(x.to(compute_dtype), packed, weight.quant_state, bias).to(x.dtype)
 
 

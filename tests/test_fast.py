@@ -2,6 +2,7 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from torch import nn
 
 from qlora_tutorial import Qlora_4_bit, fast, quantize_model
 from qlora_tutorial.bench import TARGETS
@@ -137,3 +138,17 @@ def test_captured_qlora_step_trains_like_eager():
         losses[how] = run
     assert losses["graph"][0] != losses["graph"][1]  # it trains
     torch.testing.assert_close(losses["graph"], losses["eager"], rtol=1e-3, atol=1e-3)
+
+
+def test_fast_path_reads_bytes_stored_as_another_dtype():
+    """FSDP stores the packed bytes as bfloat16 (quant_storage); the traced fast path must read them as
+    bytes, as bitsandbytes does. Failed before with "rshift_cpu not implemented for 'BFloat16'"."""
+    from qlora_tutorial.fsdp import set_quant_storage
+
+    torch.manual_seed(0)
+    layer = Qlora_4_bit.from_linear(nn.Linear(128, 64), alpha=4, r=2, compute_dtype=torch.float32)
+    x = torch.randn(3, 128)
+    expected = layer(x)
+    set_quant_storage(layer, torch.bfloat16)
+    assert layer.quant_nn.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), expected, rtol=1e-5, atol=1e-5)
