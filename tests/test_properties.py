@@ -21,13 +21,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def eager_bitsandbytes():
-    """bitsandbytes' pure-torch CPU fallback is wrapped in torch.compile (seconds per new shape); eager is the same."""
-    old = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = old
+# bitsandbytes' CPU path runs torch.compile'd functions (seconds per new shape); eager gives the same.
+pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")
 
 
 @st.composite

@@ -18,13 +18,8 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7, 250, 3], [4, 4, 8, 15, 16, 23, 42, 0, 99, 200]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def eager_bitsandbytes():
-    """bitsandbytes' CPU double quantization runs a torch.compile'd function (seconds to compile); eager is the same."""
-    old = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = old
+# bitsandbytes' CPU path runs torch.compile'd functions (seconds per new shape); eager gives the same.
+pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")
 
 
 def trained(targets=MLP, use_qlora=True, seed=0, **kwargs):
