@@ -107,11 +107,22 @@ def precision_flags(dtype: torch.dtype, device_type: str) -> dict:
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
+def optimizer_flags(device_type: str) -> dict:
+    """The Trainer's optimizer: bitsandbytes' paged AdamW on a GPU (the QLoRA paper's third idea), the default on CPU.
+
+    Paging keeps the optimizer state in CUDA unified memory, which the driver moves to CPU RAM when
+    the GPU runs short (a long batch's spike) instead of failing with out-of-memory. A CPU has no
+    GPU memory to page out of, so there the Trainer's own AdamW stays.
+    """
+    return {"optim": "paged_adamw_32bit"} if device_type == "cuda" else {}
+
+
 def training_arguments(output_dir: str, runtime=None, seed: int = 0, **overrides):
     """``TrainingArguments`` for the original README's recipe (``ORIGINAL_RECIPE``), changed by ``overrides``.
 
     Deterministic on a CPU: fixed seed, no dataloader workers, nothing reported to a tracker, no
-    checkpoints written. ``runtime`` (from ``device.pick_device``) picks bf16/fp16 on a GPU.
+    checkpoints written. ``runtime`` (from ``device.pick_device``) picks bf16/fp16 and bitsandbytes'
+    paged AdamW (``optimizer_flags``) on a GPU; ``optim=...`` overrides it (e.g. "paged_adamw_8bit").
     ``gradient_checkpointing=True`` turns on non-reentrant checkpointing under whichever name the
     installed transformers uses.
     """
@@ -125,10 +136,12 @@ def training_arguments(output_dir: str, runtime=None, seed: int = 0, **overrides
                     report_to="none", save_strategy="no", logging_strategy="steps",
                     use_cpu=runtime.device.type == "cpu", remove_unused_columns=False)
     settings.update(precision_flags(runtime.dtype, runtime.device.type))
+    settings.update(optimizer_flags(runtime.device.type))
     checkpointing = overrides.pop("gradient_checkpointing", False)
     settings.update(overrides)
     if checkpointing:
-        # Non-reentrant checkpointing: the reentrant kind (the default before transformers 5) gives no
+        # Non-reentrant checkpointing, asked for explicitly: transformers 5 defaults to it, but the 4.56+
+        # this package allows default to the reentrant kind, which gives no
         # gradient to the LoRA matrices when the block's input does not require grad, and with frozen
         # embeddings it does not: training would silently do nothing.
         # transformers 5 renamed the switch to activation_checkpointing; older versions know the old name.
@@ -175,8 +188,13 @@ def _progress_callback():
     return StderrProgress()
 
 
-def make_trainer(model, args, train_dataset, pad_token_id: int):
+def make_trainer(model, args, train_dataset, pad_token_id: int, compile_blocks: bool = False):
     """A ``Trainer`` for ``model`` on a tokenised dataset, padded with ``PadCollator``.
+
+    ``compile_blocks=True`` first compiles the model's decoder blocks in place with
+    ``fast.compile_for_training`` (the GPU fast path: one compiled graph shared by all blocks, the
+    4-bit base through the package's own kernel); meant for a GPU, where it removes most of the
+    Python dispatch of a step.
 
     Its own progress display and log printer are replaced by one progress bar on stderr: the
     Trainer's ones print the log dicts (timings included) to stdout, or a table of them to a notebook.
@@ -189,6 +207,10 @@ def make_trainer(model, args, train_dataset, pad_token_id: int):
                          "(tokenize_texts or tokenize_prompt_answer), the Trainer cannot train on raw text")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no parameter of the model requires grad: wrap it with quantize_model(..., require_lora=True) first")
+    if compile_blocks:
+        from .fast import compile_for_training
+
+        compile_for_training(model)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=PadCollator(pad_token_id))
     for callback in list(trainer.callback_handler.callbacks):
         # ProgressCallback (console), NotebookProgressCallback (Jupyter), PrinterCallback (disable_tqdm)

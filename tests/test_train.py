@@ -67,6 +67,26 @@ def test_precision_flags():
     assert T.precision_flags(torch.float32, "cpu") == {"bf16": False, "fp16": False}
 
 
+def test_optimizer_flags_page_on_gpu_only(tmp_path):
+    from transformers import TrainingArguments
+
+    assert T.optimizer_flags("cuda") == {"optim": "paged_adamw_32bit"}
+    assert T.optimizer_flags("cpu") == {}
+    args = T.training_arguments(str(tmp_path), Runtime(torch.device("cpu"), torch.float32))
+    default = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none").optim
+    assert args.optim == default and "paged" not in str(args.optim)  # the CPU run keeps the Trainer's AdamW
+
+
+def test_make_trainer_compile_blocks_compiles_each_decoder_block(tok, tmp_path):
+    args = T.training_arguments(str(tmp_path), Runtime(torch.device("cpu"), torch.float32))
+    data = T.tokenize_texts(datasets.Dataset.from_list([{"quote": "a b c"}]), tok)
+    model = small_model(tok)
+    T.make_trainer(model, args, data, tok.pad_token_id)
+    assert all(block._compiled_call_impl is None for block in model.model.layers)
+    T.make_trainer(model, args, data, tok.pad_token_id, compile_blocks=True)  # compiled lazily, at the first call
+    assert all(block._compiled_call_impl is not None for block in model.model.layers)
+
+
 def test_training_arguments_original_recipe(tmp_path):
     args = T.training_arguments(str(tmp_path), Runtime(torch.device("cpu"), torch.float32))
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.learning_rate,
