@@ -62,6 +62,14 @@ def assert_unchanged(model, before):
     assert guarded == before[3]
 
 
+def fails_and_changes_nothing(model, call, match):
+    """``call()`` raises a ValueError matching ``match`` and leaves ``model`` exactly as it was."""
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        call()
+    assert_unchanged(model, before)
+
+
 # ---------------------------------------------------------------- 1. whole-model persistence
 @pytest.mark.parametrize("compress_statistics, quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
 def test_state_dict_round_trip_strict_is_bit_exact(compress_statistics, quant_type):
@@ -152,18 +160,12 @@ def test_save_quantized_with_tied_embeddings(tmp_path):
 def test_load_quantized_into_the_wrong_model_changes_nothing(tmp_path):
     adapters.save_quantized(trained(), tmp_path)
     other = tiny_llama(hidden_size=32, intermediate_size=64, seed=0)
-    before = snapshot(other)
-    with pytest.raises(ValueError, match="shapes differ between the file and the model"):
-        adapters.load_quantized(other, tmp_path)
-    assert_unchanged(other, before)
+    fails_and_changes_nothing(other, lambda: adapters.load_quantized(other, tmp_path), "shapes differ between the file and the model")
     tensors = load_file(str(tmp_path / "quantized.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.quant_nn.weight.absmax"]
     save_file(tensors, str(tmp_path / "quantized.safetensors"))
     plain = tiny_llama(seed=0)
-    before = snapshot(plain)
-    with pytest.raises(ValueError, match="missing from the file: model.layers.1.mlp.up_proj.quant_nn.weight.absmax"):
-        adapters.load_quantized(plain, tmp_path)
-    assert_unchanged(plain, before)
+    fails_and_changes_nothing(plain, lambda: adapters.load_quantized(plain, tmp_path), "missing from the file: model.layers.1.mlp.up_proj.quant_nn.weight.absmax")
 
 
 # ---------------------------------------------------------------- 2. a failed call changes nothing
@@ -213,10 +215,7 @@ def test_failed_load_adapter_changes_nothing_and_a_retry_works(tmp_path):
     tensors["model.layers.1.mlp.down_proj.W_b"] = torch.zeros(4, 32)  # a wrong shape, in the last layer
     save_file(tensors, str(tmp_path / "adapter.safetensors"))
     model = tiny_llama(seed=0)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj: the adapter is for a 128 -> 32 layer"):
-        adapters.load_adapter(model, tmp_path)
-    assert_unchanged(model, before)
+    fails_and_changes_nothing(model, lambda: adapters.load_adapter(model, tmp_path), "model.layers.1.mlp.down_proj: the adapter is for a 128 -> 32 layer")
     save_file(good, str(tmp_path / "adapter.safetensors"))
     assert len(wrapped_layers(adapters.load_adapter(model, tmp_path))) == 14
 
@@ -227,10 +226,7 @@ def test_failed_load_adapter_into_a_wrapped_model_changes_nothing(tmp_path):
     tensors["model.layers.1.mlp.down_proj.W_a"][0, 0] = math.inf
     save_file(tensors, str(tmp_path / "adapter.safetensors"))
     model = trained(seed=5)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj: the adapter holds NaN or inf"):
-        adapters.load_adapter(model, tmp_path)
-    assert_unchanged(model, before)
+    fails_and_changes_nothing(model, lambda: adapters.load_adapter(model, tmp_path), "model.layers.1.mlp.down_proj: the adapter holds NaN or inf")
 
 
 def test_failed_import_peft_changes_nothing_and_a_retry_works(tmp_path):
@@ -241,26 +237,17 @@ def test_failed_import_peft_changes_nothing_and_a_retry_works(tmp_path):
     tensors[key] = torch.zeros(32, 4)  # out=64 in the model
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
     model = tiny_llama(seed=0)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj: the adapter is for a 128 -> 32 layer"):
-        adapters.import_peft(model, tmp_path, use_qlora=True)
-    assert_unchanged(model, before)
+    fails_and_changes_nothing(model, lambda: adapters.import_peft(model, tmp_path, use_qlora=True), "model.layers.1.mlp.down_proj: the adapter is for a 128 -> 32 layer")
     save_file(good, str(tmp_path / "adapter_model.safetensors"))
     assert len(wrapped_layers(adapters.import_peft(model, tmp_path, use_qlora=True))) == 14
 
 
 def test_failed_merge_changes_nothing():
     model = trained()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
-        adapters.merge(model, dtype=torch.int8)
-    assert_unchanged(model, before)
+    fails_and_changes_nothing(model, lambda: adapters.merge(model, dtype=torch.int8), "dtype must be a floating-point torch.dtype")
     with torch.no_grad():  # a diverged update in the last layer: the merged weight is not finite
         model.model.layers[1].mlp.down_proj.W_b[0, 0] = math.inf
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj: the weight has NaN or inf entries"):
-        adapters.merge(model, requantize=True)
-    assert_unchanged(model, before)
+    fails_and_changes_nothing(model, lambda: adapters.merge(model, requantize=True), "model.layers.1.mlp.down_proj: the weight has NaN or inf entries")
 
 
 # ---------------------------------------------------------------- 3. wrong results without an error
@@ -300,10 +287,7 @@ def test_sizes_must_be_positive(sizes):
 def test_quantize_model_refuses_a_zero_width_linear():
     model = tiny_llama(seed=0)
     model.model.layers[0].mlp.gate_proj = nn.Linear(64, 0, bias=False)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="model.layers.0.mlp.gate_proj: out_features must be a positive integer"):
-        quantize_model(model, MLP, alpha=4, r=2)
-    assert_unchanged(model, before)
+    fails_and_changes_nothing(model, lambda: quantize_model(model, MLP, alpha=4, r=2), "model.layers.0.mlp.gate_proj: out_features must be a positive integer")
 
 
 def test_merge_and_base_weight_are_exact_on_cpu_for_rows_that_split_a_block():
