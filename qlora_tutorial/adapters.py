@@ -5,7 +5,8 @@ all we store. Three ways out of the model and one way into it:
 
 * ``save_adapter(model, folder)`` / ``load_adapter(model, folder)``: our own format, two files:
   ``adapter.safetensors`` (the tensors, named ``<layer>.W_a`` / ``<layer>.W_b``) and ``adapter.json``
-  (r, alpha, rsLoRA, mode, the wrapped layers, the base model's id). safetensors holds raw tensor
+  (r, alpha, rsLoRA, mode, the wrapped layers, the base model's id). A DoRA adapter also stores
+  each layer's magnitude (``<layer>.magnitude``), and its config says ``"use_dora": true``. safetensors holds raw tensor
   bytes and a JSON header, never pickled Python objects, so loading a file runs no code from it.
   The round trip is bit-exact, and loading checks every key and shape: nothing is left at its
   initial value without an error.
@@ -100,6 +101,7 @@ def adapter_config(model: nn.Module) -> dict:
     """The JSON config ``save_adapter`` writes: what is needed to rebuild the layers the weights fit."""
     layers = lora_layers(model)
     use_qlora = _shared_setting(layers, "use_qlora")
+    dora = {"use_dora": True} if _shared_setting(layers, "use_dora") else {}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "base_model": base_model_id(model),
@@ -108,16 +110,26 @@ def adapter_config(model: nn.Module) -> dict:
         "alpha": _shared_setting(layers, "alpha"),
         "rslora": _shared_setting(layers, "rslora"),
         "targets": list(layers),
+        **dora,
     }
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<layer>.W_a": (in, r), "<layer>.W_b": (r, out)} as detached contiguous CPU copies."""
+    """{"<layer>.W_a": (in, r), "<layer>.W_b": (r, out)} (and DoRA's "<layer>.magnitude": (out,)) as
+    detached contiguous CPU copies."""
     tensors = {}
     for name, layer in lora_layers(model).items():
-        tensors[f"{name}.W_a"] = layer.W_a.detach().to("cpu", copy=True).contiguous()
-        tensors[f"{name}.W_b"] = layer.W_b.detach().to("cpu", copy=True).contiguous()
+        for key, shape in adapter_shapes(name, layer).items():
+            tensors[key] = getattr(layer, key.rsplit(".", 1)[1]).detach().to("cpu", copy=True).contiguous()
     return tensors
+
+
+def adapter_shapes(name: str, layer: Qlora_4_bit) -> dict[str, tuple]:
+    """The adapter tensors one layer owns, with their shapes: W_a, W_b, and DoRA's magnitude."""
+    shapes = {f"{name}.W_a": (layer.in_features, layer.r), f"{name}.W_b": (layer.r, layer.out_features)}
+    if layer.use_dora:
+        shapes[f"{name}.magnitude"] = (layer.out_features,)
+    return shapes
 
 
 # ---------------------------------------------------------------- our format
@@ -144,8 +156,7 @@ def save_adapter(model: nn.Module, path, tensors: dict[str, torch.Tensor] | None
 
 def _check_given_tensors(model: nn.Module, tensors: dict) -> None:
     layers = lora_layers(model)
-    expected = {f"{n}.{m}": (layer.in_features, layer.r) if m == "W_a" else (layer.r, layer.out_features)
-                for n, layer in layers.items() for m in ("W_a", "W_b")}
+    expected = {k: v for n, layer in layers.items() for k, v in adapter_shapes(n, layer).items()}
     missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
     if missing or unexpected:
         raise ValueError(f"tensors must hold exactly the model's LoRA matrices; missing: {_list(missing) or 'none'}; "
@@ -197,13 +208,13 @@ def load_adapter(model: nn.Module, path, use_qlora: bool | None = None) -> nn.Mo
     with unchanged_on_error(model):
         if not wrapped_layers(model):
             quantize_model(model, config["targets"], config["alpha"], config["r"], use_qlora=use_qlora,
-                           rslora=config["rslora"])
+                           rslora=config["rslora"], use_dora=config.get("use_dora", False))
         _check_adapter_fits(model, config, tensors)
     layers = lora_layers(model)
     with torch.no_grad():
         for name, layer in layers.items():
-            layer.W_a.copy_(tensors[f"{name}.W_a"])
-            layer.W_b.copy_(tensors[f"{name}.W_b"])
+            for key in adapter_shapes(name, layer):
+                getattr(layer, key.rsplit(".", 1)[1]).copy_(tensors[key])
     return model
 
 
@@ -215,7 +226,11 @@ def _check_adapter_fits(model: nn.Module, config: dict, tensors: dict) -> None:
         warnings.warn(f"the adapter was trained on {saved_base!r} but is loaded into {our_base!r}; the shapes fit, "
                       "but the result is only meaningful on the same base weights", stacklevel=2)
 
-    expected = {f"{n}.{m}" for n in layers for m in ("W_a", "W_b")}
+    if any(layer.use_dora for layer in layers.values()) != bool(config.get("use_dora", False)):
+        raise ValueError(f"the adapter {'is' if config.get('use_dora') else 'is not'} a DoRA adapter but the model's "
+                         "layers are wrapped " + ("without" if config.get("use_dora") else "with") + " use_dora; "
+                         "wrap the model as the adapter was trained, or load it into a plain model")
+    expected = {k for n, layer in layers.items() for k in adapter_shapes(n, layer)}
     missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
     if missing or unexpected:
         parts = []
@@ -230,10 +245,19 @@ def _check_adapter_fits(model: nn.Module, config: dict, tensors: dict) -> None:
     for name, layer in layers.items():
         W_a, W_b = tensors[f"{name}.W_a"], tensors[f"{name}.W_b"]
         _check_pair(name, layer, W_a, W_b)
+        if layer.use_dora:
+            _check_magnitude(name, layer, tensors[f"{name}.magnitude"])
         if not math.isclose(layer.scale, file_scale, rel_tol=1e-12):
             raise ValueError(f"{name} has scale {layer.scale:g} but the adapter was trained with scale {file_scale:g} "
                              f"(alpha={config['alpha']}, r={config['r']}, rslora={config['rslora']}); "
                              "wrap the model with the adapter's alpha and rslora")
+
+
+def _check_magnitude(name: str, layer: Qlora_4_bit, m: torch.Tensor) -> None:
+    """DoRA's magnitude must be a finite (out,) vector."""
+    if tuple(m.shape) != (layer.out_features,) or not m.is_floating_point() or not torch.isfinite(m).all():
+        raise ValueError(f"{name}: DoRA's magnitude must be a finite floating-point vector of {layer.out_features} "
+                         f"values (one per output feature), got {m.dtype} {tuple(m.shape)}")
 
 
 def _check_pair(name: str, layer: Qlora_4_bit, W_a: torch.Tensor, W_b: torch.Tensor) -> None:
@@ -273,11 +297,13 @@ def export_peft(model: nn.Module, path, task_type: str = "CAUSAL_LM") -> Path:
     for name, layer in layers.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.W_a.detach().T.to("cpu", copy=True).contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.W_b.detach().T.to("cpu", copy=True).contiguous()
+        if layer.use_dora:  # PEFT saves DoRA's magnitude under this key, without ".weight"
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.magnitude.detach().to("cpu", copy=True)
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_id(model),
         "r": r, "lora_alpha": alpha, "use_rslora": _shared_setting(layers, "rslora"),
         "target_modules": _peft_targets(model, layers), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "fan_in_fan_out": False, "use_dora": _shared_setting(layers, "use_dora"), "init_lora_weights": True, "inference_mode": True,
         "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
     }
     folder = Path(path)
@@ -288,7 +314,7 @@ def export_peft(model: nn.Module, path, task_type: str = "CAUSAL_LM") -> Path:
 
 
 # Fields import_peft reads, and fields that do not change what the loaded adapter computes.
-PEFT_USED = {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "layers_to_transform",
+PEFT_USED = {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "layers_to_transform",
              "layers_pattern", "exclude_modules"}
 PEFT_IRRELEVANT = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
                    "auto_mapping", "lora_dropout",  # dropout acts only while training, not on the weights
@@ -299,7 +325,6 @@ PEFT_IRRELEVANT = {"task_type", "base_model_name_or_path", "revision", "inferenc
 # LoRA variant). Anything not known to be plain is refused.
 PEFT_PLAIN_INITS = (True, False, "gaussian", "eva")
 PEFT_REASONS = {
-    "use_dora": "DoRA adds a magnitude vector that Qlora_4_bit does not have",
     "rank_pattern": "per-layer ranks are not supported (one r for all layers)",
     "alpha_pattern": "per-layer alphas are not supported (one alpha for all layers)",
     "fan_in_fan_out": "it stores weights transposed for Conv1D (GPT-2 style) layers; Qlora_4_bit wraps nn.Linear",
@@ -346,7 +371,7 @@ def _peft_targeted(model: nn.Module, target_modules) -> set[str]:
     return {q for q in names if any(matches(q, t) for t in target_modules)}
 
 
-_PEFT_KEY = re.compile(r"^" + re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight$")
+_PEFT_KEY = re.compile(r"^" + re.escape(PEFT_PREFIX) + r"(.+)\.(?:lora_([AB])\.weight|lora_magnitude_vector)$")
 
 
 def import_peft(model: nn.Module, path, use_qlora: bool = False, **quantize_kwargs) -> nn.Module:
@@ -354,7 +379,8 @@ def import_peft(model: nn.Module, path, use_qlora: bool = False, **quantize_kwar
 
     ``model`` is the plain base model (or one already wrapped with the same settings). The layers to
     wrap are the ones the weight file holds, checked against ``target_modules``; ``use_rslora`` is
-    honoured; fields we cannot honour (DoRA, rank/alpha patterns, ``fan_in_fan_out``, bias, ...) raise
+    honoured, and so is ``use_dora`` (the magnitudes load into ``Qlora_4_bit(use_dora=True)``); fields we
+    cannot honour (rank/alpha patterns, ``fan_in_fan_out``, bias, ...) raise
     an error naming the field. Extra keywords go to ``quantize_model`` (e.g. ``compute_dtype``).
     """
     folder = Path(path)
@@ -365,6 +391,7 @@ def import_peft(model: nn.Module, path, use_qlora: bool = False, **quantize_kwar
     config = json.loads((folder / PEFT_CONFIG_FILE).read_text())
     check_peft_config(config)
     r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora", False))
+    dora = bool(config.get("use_dora", False))
     tensors = load_file(str(folder / PEFT_WEIGHTS_FILE))
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -374,15 +401,19 @@ def import_peft(model: nn.Module, path, use_qlora: bool = False, **quantize_kwar
         if m is None:
             unexpected.append(key)
         else:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = value
+            pairs.setdefault(m.group(1), {})[m.group(2) or "m"] = value
     if unexpected:
         raise ValueError(f"{PEFT_WEIGHTS_FILE} holds keys that are not plain LoRA matrices: {_list(unexpected)}; "
                          f"expected only '{PEFT_PREFIX}<layer>.lora_A.weight' and '.lora_B.weight'")
     if not pairs:
         raise ValueError(f"{PEFT_WEIGHTS_FILE} holds no LoRA matrices")
-    half = [f"{n} (lora_{'B' if 'A' in p else 'A'} missing)" for n, p in pairs.items() if len(p) != 2]
+    half = [f"{n} (lora_{'B' if 'A' in p else 'A'} missing)" for n, p in pairs.items() if not {"A", "B"} <= p.keys()]
     if half:
         raise ValueError(f"{PEFT_WEIGHTS_FILE} has unpaired LoRA matrices: {_list(half)}")
+    wrong = [n for n, p in pairs.items() if ("m" in p) != dora]
+    if wrong:
+        raise ValueError(f"{PEFT_WEIGHTS_FILE}: use_dora={dora} in {PEFT_CONFIG_FILE}, but these layers "
+                         f"{'lack' if dora else 'have'} a lora_magnitude_vector: {_list(wrong)}")
 
     if all(config.get(k) is None for k in ("layers_to_transform", "layers_pattern", "exclude_modules")):
         targeted = _peft_targeted(model, config["target_modules"])
@@ -402,14 +433,19 @@ def import_peft(model: nn.Module, path, use_qlora: bool = False, **quantize_kwar
                              f"rank r={r} (rank_pattern is not supported)")
     # Wrapping comes first (the shape checks need the layers); any failure unwraps the model again.
     with unchanged_on_error(model):
-        quantize_model(model, list(pairs), alpha, r, use_qlora=use_qlora, rslora=rslora, **quantize_kwargs)
+        quantize_model(model, list(pairs), alpha, r, use_qlora=use_qlora, rslora=rslora, use_dora=dora,
+                       **quantize_kwargs)
         modules = dict(model.named_modules())
         for name, p in pairs.items():
             _check_pair(name, modules[name], p["A"].T, p["B"].T)
+            if dora:
+                _check_magnitude(name, modules[name], p["m"])
     with torch.no_grad():
         for name, p in pairs.items():
             modules[name].W_a.copy_(p["A"].T)
             modules[name].W_b.copy_(p["B"].T)
+            if dora:
+                modules[name].magnitude.copy_(p["m"])
     return model
 
 
@@ -421,6 +457,8 @@ def _parent(model: nn.Module, name: str):
 
 def base_dtype(layer: Qlora_4_bit) -> torch.dtype:
     """The dtype the layer's base weight had before it was wrapped (and that merging returns to)."""
+    if layer.is_int8:
+        return layer.source_dtype
     if layer.use_qlora and getattr(layer.quant_nn.weight, "quant_state", None) is not None:
         return layer.quant_nn.weight.quant_state.dtype
     return layer.quant_nn.weight.dtype
@@ -462,7 +500,9 @@ def merge(model: nn.Module, requantize: bool = False, dtype: torch.dtype | None 
         linear = merged_linear(layer, dtype)
         if requantize:
             kwargs = {}
-            if layer.use_qlora:
+            if layer.is_int8:
+                kwargs = dict(quant_type="int8")
+            elif layer.use_qlora:
                 w = layer.quant_nn.weight
                 kwargs = dict(quant_type=w.quant_type, blocksize=w.blocksize,
                               compress_statistics=w.compress_statistics, compute_dtype=layer.quant_nn.compute_dtype)

@@ -10,6 +10,10 @@ Three modes, picked with the original README's two switches:
   its own dtype.
 * Quantization only (``use_qlora=True, require_lora=False``): the 4-bit base alone, for inference.
 
+Two variants from the original README's wish list (``qlora_tutorial.variants`` holds their math):
+``quant_type="int8"`` stores the base in 8 bits (LLM.int8, bitsandbytes' ``Linear8bitLt``) instead
+of 4, and ``use_dora=True`` adds DoRA's trainable magnitude ``magnitude`` beside ``W_a``/``W_b``.
+
 The LoRA math itself (scale, init, the low-rank branch, the (out, in) update) lives in
 ``qlora_tutorial.lora``; this module only assembles it around a base layer.
 
@@ -32,9 +36,12 @@ from . import lora
 from .fast import base_forward
 from .lora import check_rank_alpha, init_lora_, lora_forward, lora_scale
 from .nf4 import BLOCKSIZES, State4bit, dequantize_nf4
+from .variants import dora_factor, dora_magnitude, dora_merged_weight, dora_output, int8_weight, is_int8_base, make_int8_base
 
 # What bitsandbytes' 4-bit quantizer takes (float64 and integer weights fail inside it).
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
 
 # Layers that bitsandbytes (or transformers' BitsAndBytesConfig) has already quantized.
 QUANTIZED_LINEAR_TYPES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
@@ -75,9 +82,10 @@ def check_features(in_features, out_features, name: str) -> None:
 
 
 def check_quant_settings(quant_type, blocksize, name: str) -> None:
-    """The 4-bit settings bitsandbytes 0.50 supports (on the CPU and on CUDA)."""
-    if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"{name}: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    """The base formats bitsandbytes 0.50 supports (on the CPU and on CUDA): NF4 and FP4 with their
+    blocksizes, or LLM.int8 ("int8", which has one scale per row and no blocksize)."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"{name}: quant_type must be 'nf4', 'fp4' (4-bit) or 'int8' (LLM.int8), got {quant_type!r}")
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
         raise ValueError(f"{name}: blocksize must be one of {BLOCKSIZES} (the 4-bit block sizes bitsandbytes "
                          f"supports), got {blocksize!r}; the usual choice is 64")
@@ -147,13 +155,16 @@ class Qlora_4_bit(nn.Module):
                  require_lora: bool = True, use_qlora: bool = True, *, bias: bool = True,
                  rslora: bool = False, compress_statistics: bool = True,
                  compute_dtype: torch.dtype | None = None, quant_type: str = "nf4",
-                 blocksize: int = 64, device=None, dtype: torch.dtype | None = None,
+                 blocksize: int = 64, use_dora: bool = False, device=None, dtype: torch.dtype | None = None,
                  linear: nn.Linear | None = None, name: str | None = None):
         super().__init__()
         where = name or f"Qlora_4_bit({in_features} -> {out_features})"
         check_features(in_features, out_features, where)
         check_rank_alpha(r, alpha)
         check_quant_settings(quant_type, blocksize, where)
+        if use_dora and not require_lora:
+            raise ValueError(f"{where}: use_dora=True needs the LoRA matrices (require_lora=True): DoRA rescales "
+                             "W0 + s * dW, and without an adapter there is nothing to train")
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"{where}: dtype must be a floating-point dtype, got {dtype}")
         if linear is None:
@@ -169,9 +180,13 @@ class Qlora_4_bit(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.alpha, self.r, self.rslora = alpha, r, rslora
         self.require_lora, self.use_qlora = bool(require_lora), bool(use_qlora)
+        self.use_dora = bool(use_dora)
         self.scale = lora_scale(alpha, r, rslora)
+        self.source_dtype = weight.dtype  # what merging returns to (an 8-bit base does not remember it)
 
-        if self.use_qlora:
+        if self.use_qlora and quant_type == "int8":
+            self.quant_nn = make_int8_base(linear)
+        elif self.use_qlora:
             self.quant_nn = self._make_4bit(linear, compute_dtype or default_compute_dtype(weight.device),
                                             compress_statistics, quant_type, blocksize, where)
         else:
@@ -187,6 +202,12 @@ class Qlora_4_bit(nn.Module):
         else:
             self.W_a = None
             self.W_b = None
+        # DoRA's magnitude: the length of each output row of W0 + s * dW (= W0 at the start, as W_b = 0).
+        self.magnitude = None
+        if self.use_dora:
+            start = (torch.empty(out_features, device=weight.device) if weight.device.type == "meta"
+                     else dora_magnitude(self.base_weight()))
+            self.magnitude = nn.Parameter(start.to(torch.float32))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, alpha: float, r: int, require_lora: bool = True,
@@ -288,6 +309,11 @@ class Qlora_4_bit(nn.Module):
         return self.quant_nn.bias
 
     @property
+    def is_int8(self) -> bool:
+        """True for an 8-bit (LLM.int8) base."""
+        return is_int8_base(self.quant_nn)
+
+    @property
     def is_quantized(self) -> bool:
         return isinstance(self.quant_nn, bnb.nn.Linear4bit) and bool(getattr(self.quant_nn.weight, "bnb_quantized", False))
 
@@ -313,9 +339,17 @@ class Qlora_4_bit(nn.Module):
             out = self._exact_4bit_forward(x)
         else:
             out = base_forward(self.quant_nn, x)
+        if self.use_dora:
+            return self._dora_forward(x, out)
         if self.require_lora:
             out = out + lora_forward(x, self.W_a, self.W_b, self.scale)
         return out
+
+    def _dora_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """DoRA: the base output and the LoRA branch, both rescaled row by row by m / ||W0 + s dW||."""
+        factor = dora_factor(self.magnitude, self.base_weight().to(x.dtype), self.W_a, self.W_b, self.scale)
+        out = dora_output(base_out, self.quant_nn.bias, lora_forward(x, self.W_a, self.W_b, self.scale), factor)
+        return out.to(base_out.dtype)
 
     def _exact_4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
         """What Linear4bit computes (dequantize, then a dense matmul in the compute dtype), with an
@@ -335,13 +369,20 @@ class Qlora_4_bit(nn.Module):
         """
         if not self.use_qlora:
             return self.quant_nn.weight.detach()
+        if self.is_int8:
+            return int8_weight(self.quant_nn).to(self.source_dtype)
         w = self.quant_nn.weight
         if not getattr(w, "bnb_quantized", False):  # on meta: nothing was quantized yet
             return w.detach()
         return dequantize_base(w.data, w.quant_state)
 
     def delta_weight(self) -> torch.Tensor:
-        """The LoRA update to the (out, in) weight, s * (W_a @ W_b)^T, in float32 (zeros without LoRA)."""
+        """The LoRA update to the (out, in) weight, s * (W_a @ W_b)^T, in float32 (zeros without LoRA).
+
+        With DoRA the update is not additive; this is then merged_weight() - base_weight().
+        """
+        if self.use_dora:
+            return self.merged_weight() - self.base_weight().float()
         if not self.require_lora:
             return torch.zeros(self.out_features, self.in_features, device=self.quant_nn.weight.device)
         return lora.delta_weight(self.W_a.detach().float(), self.W_b.detach().float(), self.scale)
@@ -350,10 +391,16 @@ class Qlora_4_bit(nn.Module):
         """The effective dense (out, in) weight in float32: base_weight() + delta_weight(), by ``lora.merge_weight``."""
         if not self.require_lora:
             return self.base_weight().float()
+        if self.use_dora:
+            return dora_merged_weight(self.base_weight(), self.W_a, self.W_b, self.scale, self.magnitude)
         return lora.merge_weight(self.base_weight().float(), self.W_a.detach(), self.W_b.detach(), self.scale)
 
     def extra_repr(self) -> str:
         mode = ("QLoRA" if self.require_lora else "4-bit only") if self.use_qlora else (
             "LoRA" if self.require_lora else "frozen base only")
+        if self.is_int8:
+            mode = "8-bit base + LoRA" if self.require_lora else "8-bit only"
+        if self.use_dora:
+            mode += " (DoRA)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={mode}, "
                 f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}")

@@ -125,7 +125,8 @@ def bnb_nbytes(packed: torch.Tensor, state) -> dict:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes the model holds at rest: parameters and buffers as stored, plus 4-bit quantization constants.
 
-    Shared (tied) tensors count once. A packed 4-bit weight stores half a byte per logical weight.
+    Shared (tied) tensors count once. A packed 4-bit weight stores half a byte per logical weight,
+    an 8-bit (LLM.int8) weight a byte plus a float32 scale per row.
     A 4-bit weight not quantized yet (a model built on the ``meta`` device to plan memory) counts
     what bitsandbytes will store: ``quantized_nbytes`` of its logical size.
     """
@@ -138,6 +139,8 @@ def weight_bytes(model: nn.Module) -> int:
             total += bnb_nbytes(t, t.quant_state)["total"]
         elif isinstance(t, bnb.nn.Params4bit):  # not quantized yet: what bitsandbytes will store
             total += quantized_nbytes(t.numel(), t.blocksize, bool(t.compress_statistics))["total"]
+        elif isinstance(t, bnb.nn.Int8Params) and t.dtype == torch.int8:
+            total += tensor_bytes(t) + 4 * t.shape[0]  # LLM.int8: a byte per weight, a float32 scale per row
         else:
             total += tensor_bytes(t)
     return total

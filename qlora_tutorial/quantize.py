@@ -122,7 +122,7 @@ def guard_save_pretrained(module: nn.Module) -> None:
 def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_lora: bool = True,
                    use_qlora: bool = True, *, rslora: bool = False, compress_statistics: bool = True,
                    compute_dtype=None, quant_type: str = "nf4", blocksize: int = 64,
-                   freeze: bool = True) -> nn.Module:
+                   use_dora: bool = False, freeze: bool = True) -> nn.Module:
     """Replace the ``nn.Linear`` layers named in ``mlp_layers`` by ``Qlora_4_bit`` layers; return ``module``.
 
     * ``mlp_layers``: layer names ("gate_proj"), dotted tails ("self_attn.q_proj"), or a preset
@@ -132,17 +132,21 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
       a different configuration on an already wrapped layer is an error.
     * With ``freeze=True`` (default) every parameter except the LoRA matrices is frozen, embeddings
       and norms included.
-    The other keywords go to ``Qlora_4_bit`` (``compute_dtype=None``: the device helper's dtype).
+    The other keywords go to ``Qlora_4_bit`` (``compute_dtype=None``: the device helper's dtype;
+    ``quant_type="int8"`` for an 8-bit LLM.int8 base; ``use_dora=True`` for DoRA).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     check_rank_alpha(r, alpha)
     check_quant_settings(quant_type, blocksize, "quantize_model")
+    if use_dora and not require_lora:
+        raise ValueError("quantize_model: use_dora=True needs require_lora=True (DoRA trains a magnitude beside the "
+                         "LoRA matrices)")
     targets = resolve_target_names(mlp_layers)
     _check_not_prequantized(module)
     settings = dict(alpha=alpha, r=r, require_lora=bool(require_lora), use_qlora=bool(use_qlora), rslora=rslora,
                     quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics,
-                    compute_dtype=compute_dtype)
+                    compute_dtype=compute_dtype, use_dora=bool(use_dora))
 
     # Who shares a parameter with whom (tied embeddings: lm_head.weight is embed_tokens.weight).
     owners: dict[int, int] = {}
@@ -181,7 +185,8 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
     with unchanged_on_error(module):
         built = [(parent, name, Qlora_4_bit.from_linear(
             child, alpha, r, require_lora, use_qlora, rslora=rslora, compress_statistics=compress_statistics,
-            compute_dtype=compute_dtype, quant_type=quant_type, blocksize=blocksize, name=qualified))
+            compute_dtype=compute_dtype, quant_type=quant_type, blocksize=blocksize, use_dora=use_dora,
+            name=qualified))
             for parent, name, qualified, child in to_wrap]
         for parent, name, layer in built:
             setattr(parent, name, layer)
@@ -194,8 +199,10 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
 def layer_settings(layer: Qlora_4_bit) -> dict:
     """The quantize_model settings a wrapped layer was built with (the 4-bit ones only in 4-bit mode)."""
     out = dict(alpha=layer.alpha, r=layer.r, require_lora=layer.require_lora, use_qlora=layer.use_qlora,
-               rslora=layer.rslora)
-    if layer.use_qlora:
+               rslora=layer.rslora, use_dora=layer.use_dora)
+    if layer.is_int8:
+        out.update(quant_type="int8")
+    elif layer.use_qlora:
         w = layer.quant_nn.weight
         out.update(quant_type=w.quant_type, blocksize=w.blocksize, compress_statistics=bool(w.compress_statistics),
                    compute_dtype=layer.quant_nn.compute_dtype)
@@ -217,8 +224,9 @@ def _check_same_config(layer: Qlora_4_bit, qualified, settings: dict) -> None:
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The LoRA matrices (W_a, W_b) of every Qlora_4_bit layer in ``module``."""
-    return [p for m in module.modules() if isinstance(m, Qlora_4_bit) and m.require_lora for p in (m.W_a, m.W_b)]
+    """The trained parameters of every Qlora_4_bit layer in ``module``: W_a, W_b (and DoRA's magnitude)."""
+    return [p for m in module.modules() if isinstance(m, Qlora_4_bit) and m.require_lora
+            for p in (m.W_a, m.W_b, m.magnitude) if p is not None]
 
 
 def freeze_non_lora(module: nn.Module) -> None:

@@ -98,6 +98,9 @@ class PadCollator:
 # ---------------------------------------------------------------- the Trainer
 ORIGINAL_RECIPE = dict(per_device_train_batch_size=4, gradient_accumulation_steps=4, learning_rate=2e-4,
                    max_steps=60, logging_steps=5)
+# The date task's recipe in chapter 08 and in the GPU quality study (``bench.quality``).
+DATE_TASK_RECIPE = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, learning_rate=1e-3,
+                        max_steps=30, logging_steps=5)
 
 
 def precision_flags(dtype: torch.dtype, device_type: str) -> dict:
@@ -188,13 +191,18 @@ def _progress_callback():
     return StderrProgress()
 
 
-def make_trainer(model, args, train_dataset, pad_token_id: int, compile_blocks: bool = False):
+def make_trainer(model, args, train_dataset, pad_token_id: int, compile_blocks: bool = False,
+                 loraplus_ratio: float | None = None):
     """A ``Trainer`` for ``model`` on a tokenised dataset, padded with ``PadCollator``.
 
     ``compile_blocks=True`` first compiles the model's decoder blocks in place with
     ``fast.compile_for_training`` (the GPU fast path: one compiled graph shared by all blocks, the
     4-bit base through the package's own kernel); meant for a GPU, where it removes most of the
     Python dispatch of a step.
+
+    ``loraplus_ratio`` (e.g. 16) trains with LoRA+: the optimizer ``args`` asks for (AdamW, or paged
+    AdamW on a GPU), with W_b at ``ratio`` times the learning rate of W_a
+    (``variants.loraplus_param_groups``).
 
     Its own progress display and log printer are replaced by one progress bar on stderr: the
     Trainer's ones print the log dicts (timings included) to stdout, or a table of them to a notebook.
@@ -211,7 +219,17 @@ def make_trainer(model, args, train_dataset, pad_token_id: int, compile_blocks: 
         from .fast import compile_for_training
 
         compile_for_training(model)
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=PadCollator(pad_token_id))
+    extra = {}
+    if loraplus_ratio is not None:
+        from .variants import loraplus_param_groups
+
+        # The optimizer class and settings the Trainer would pick for args.optim, on LoRA+'s groups.
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        kwargs.pop("lr", None)
+        groups = loraplus_param_groups(model, args.learning_rate, loraplus_ratio, args.weight_decay)
+        extra["optimizers"] = (cls(groups, lr=args.learning_rate, **kwargs), None)
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=PadCollator(pad_token_id),
+                      **extra)
     for callback in list(trainer.callback_handler.callbacks):
         # ProgressCallback (console), NotebookProgressCallback (Jupyter), PrinterCallback (disable_tqdm)
         if isinstance(callback, (ProgressCallback, PrinterCallback)) or type(callback).__name__ == "NotebookProgressCallback":
@@ -261,6 +279,37 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 8, batch_size: int
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, examples, batch_size: int = 32) -> float:
+    """Mean cross-entropy (nats per token) of the answer tokens given their prompts, teacher-forced.
+
+    The same tokens the training loss counts (``tokenize_prompt_answer``: the answer and its
+    end-of-text), on ``examples`` the model never trained on. Unlike exact match it is not capped at
+    100%: two models that both answer every date right can still differ in how sure they are.
+    """
+    import datasets
+
+    rows = examples if isinstance(examples, datasets.Dataset) else datasets.Dataset.from_list(list(examples))
+    data = tokenize_prompt_answer(rows.select_columns(["prompt", "answer"]), tokenizer)
+    collate = PadCollator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(data), batch_size):
+            batch = {k: v.to(device) for k, v in collate([data[j] for j in range(i, min(i + batch_size, len(data)))]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                    ignore_index=IGNORE_INDEX, reduction="sum")
+            total += nll.item()
+            count += int((labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return total / count
 
 
 def evaluate_task(model, tokenizer, examples, max_new_tokens: int = 12) -> tuple[float, list[str]]:

@@ -259,10 +259,16 @@ def test_import_peft_refuses_what_it_cannot_honour(tmp_path, field, value):
         adapters.import_peft(tiny_llama(seed=0), tmp_path)
 
 
-def test_import_peft_refuses_dora_made_by_peft(tmp_path):
-    peft_adapter(tmp_path, use_dora=True)
-    with pytest.raises(ValueError, match="use_dora=True cannot be honoured: DoRA"):
-        adapters.import_peft(tiny_llama(seed=0), tmp_path)
+def test_import_peft_reads_dora_made_by_peft(tmp_path):
+    theirs = peft_adapter(tmp_path, use_dora=True)
+    with torch.no_grad():  # a trained magnitude, not its initial value, must arrive
+        for name, p in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.1)
+    theirs.save_pretrained(str(tmp_path))
+    ours = adapters.import_peft(tiny_llama(seed=0), tmp_path, use_qlora=False).eval()
+    assert ours.get_submodule("model.layers.0.mlp.gate_proj").use_dora
+    assert (logits(ours) - logits(theirs)).abs().max().item() < 1e-5
 
 
 def test_import_peft_bad_files(tmp_path):

@@ -238,7 +238,7 @@ def test_meta_device_builds_without_quantizing():
     (dict(alpha=0, r=2), "alpha must be a positive"),
     (dict(alpha=-1.0, r=2), "alpha must be a positive"),
     (dict(alpha=float("nan"), r=2), "alpha must be a positive"),
-    (dict(alpha=4, r=2, quant_type="int4"), "quant_type must be 'nf4' or 'fp4'"),
+    (dict(alpha=4, r=2, quant_type="int4"), "quant_type must be 'nf4', 'fp4' .4-bit. or 'int8'"),
 ])
 def test_bad_arguments(linear, kwargs, message):
     with pytest.raises(ValueError, match=message):
