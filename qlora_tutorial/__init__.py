@@ -19,6 +19,8 @@ Each chapter runs code from here. Read the modules in this order; each one uses 
     13  book/13_making_it_fast          fast         compiled and CUDA-graph training steps; nf4_triton,
                                                      the NF4 dequantization kernel in Triton
     12  book/12_memory_speed            fsdp         FSDP2 sharding of 4-bit models (torchrun entry point)
+    14  book/14_variants                variants     an 8-bit (LLM.int8) base, DoRA, LoRA+; bench.quality,
+                                                     the 4-bit against 16-bit study on the date task
 
 Around them: ``device`` (device, dtype, seeds, versions; every chapter's first cell), ``models``
 and ``data`` (the offline model and data, chapter 1 on), ``tasks`` and ``evaluate`` (the date task
