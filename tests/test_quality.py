@@ -37,3 +37,8 @@ def test_summary_is_mean_and_sample_deviation():
     rows = [{"config": "c", "metric": "m", "value": v} for v in (1.0, 2.0, 4.0)]
     mean, sd, n = quality.summary(rows, "m")["c"]
     assert (mean, n) == (7 / 3, 3) and abs(sd - 1.5275252316519468) < 1e-12
+
+
+def test_shown_command_leaves_out_the_output_folder():
+    assert quality.shown_command("python -m qlora_tutorial.bench.quality --out /x/y --grids variants") == \
+        "python -m qlora_tutorial.bench.quality --grids variants"

@@ -113,6 +113,15 @@ def load(name: str) -> list[dict]:
     return rows
 
 
+def shown_command(command: str) -> str:
+    """A recorded command without its ``--out`` folder (a path on the machine that ran it)."""
+    words = shlex.split(command)
+    if "--out" in words:
+        i = words.index("--out")
+        del words[i:i + 2]
+    return " ".join(map(shlex.quote, words))
+
+
 def summary(rows: list[dict], metric: str) -> dict[str, tuple[float, float, int]]:
     """{config: (mean, sample standard deviation, number of seeds)} of one metric."""
     import statistics
