@@ -264,3 +264,12 @@ def test_loraplus_bad_arguments(kwargs, message):
         loraplus_param_groups(model, **kwargs)
     with pytest.raises(ValueError, match="no trainable W_b"):
         loraplus_param_groups(tiny_llama(seed=0), lr=1e-3)
+
+
+@pytest.mark.parametrize("kwargs", [dict(quant_type="int8"), dict(use_dora=True)])
+def test_whole_model_save_quantized_round_trip(tmp_path, kwargs):
+    model = quantize_model(tiny_llama(seed=0), TARGETS, alpha=8, r=4, **kwargs)
+    randomize_lora(model)
+    adapters.save_quantized(model, tmp_path)
+    back = adapters.load_quantized(tiny_llama(seed=1), tmp_path)  # other weights: everything comes from the file
+    assert torch.equal(back(input_ids=IDS).logits, model(input_ids=IDS).logits)
