@@ -124,7 +124,9 @@ def site_assets() -> None:
 def book() -> None:
     site_assets()
     start = time.time()
-    run([VENV / "bin" / "jupyter-book", "build", ".", "--builder", "html", "-W", "-n", "--keep-going"])
+    # --all: every page again, so that the sidebar and the next/previous links of unchanged pages
+    # follow a new chapter in _toc.yml (an incremental build keeps their old neighbours)
+    run([VENV / "bin" / "jupyter-book", "build", ".", "--all", "--builder", "html", "-W", "-n", "--keep-going"])
     log(f"book built into {ROOT / '_build' / 'html'} in {time.time() - start:.0f} s")
 
 
