@@ -6,8 +6,8 @@ all we store. Three ways out of the model and one way into it:
 * ``save_adapter(model, folder)`` / ``load_adapter(model, folder)``: our own format, two files:
   ``adapter.safetensors`` (the tensors, named ``<layer>.W_a`` / ``<layer>.W_b``) and ``adapter.json``
   (r, alpha, rsLoRA, mode, the wrapped layers, the base model's id). A DoRA adapter also stores
-  each layer's magnitude (``<layer>.magnitude``), and its config says ``"use_dora": true``. safetensors holds raw tensor
-  bytes and a JSON header, never pickled Python objects, so loading a file runs no code from it.
+  each layer's magnitude (``<layer>.magnitude``), and its config says ``"use_dora": true``.
+  safetensors holds raw tensor bytes and a JSON header, never pickled Python objects, so loading a file runs no code from it.
   The round trip is bit-exact, and loading checks every key and shape: nothing is left at its
   initial value without an error.
 * ``export_peft(model, folder)``: PEFT's own layout (``adapter_config.json`` +
@@ -226,10 +226,11 @@ def _check_adapter_fits(model: nn.Module, config: dict, tensors: dict) -> None:
         warnings.warn(f"the adapter was trained on {saved_base!r} but is loaded into {our_base!r}; the shapes fit, "
                       "but the result is only meaningful on the same base weights", stacklevel=2)
 
-    if any(layer.use_dora for layer in layers.values()) != bool(config.get("use_dora", False)):
-        raise ValueError(f"the adapter {'is' if config.get('use_dora') else 'is not'} a DoRA adapter but the model's "
-                         "layers are wrapped " + ("without" if config.get("use_dora") else "with") + " use_dora; "
-                         "wrap the model as the adapter was trained, or load it into a plain model")
+    saved_dora, model_dora = bool(config.get("use_dora", False)), any(l.use_dora for l in layers.values())
+    if saved_dora != model_dora:
+        raise ValueError(f"the adapter has use_dora={saved_dora} (a DoRA adapter holds magnitudes) but the model's "
+                         f"layers are wrapped with use_dora={model_dora}; wrap the model as the adapter was trained, "
+                         "or load it into a plain model")
     expected = {k for n, layer in layers.items() for k in adapter_shapes(n, layer)}
     missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
     if missing or unexpected:
@@ -303,8 +304,8 @@ def export_peft(model: nn.Module, path, task_type: str = "CAUSAL_LM") -> Path:
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_id(model),
         "r": r, "lora_alpha": alpha, "use_rslora": _shared_setting(layers, "rslora"),
         "target_modules": _peft_targets(model, layers), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "use_dora": _shared_setting(layers, "use_dora"), "init_lora_weights": True, "inference_mode": True,
-        "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+        "fan_in_fan_out": False, "use_dora": _shared_setting(layers, "use_dora"), "init_lora_weights": True,
+        "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
     }
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -379,9 +380,8 @@ def import_peft(model: nn.Module, path, use_qlora: bool = False, **quantize_kwar
 
     ``model`` is the plain base model (or one already wrapped with the same settings). The layers to
     wrap are the ones the weight file holds, checked against ``target_modules``; ``use_rslora`` is
-    honoured, and so is ``use_dora`` (the magnitudes load into ``Qlora_4_bit(use_dora=True)``); fields we
-    cannot honour (rank/alpha patterns, ``fan_in_fan_out``, bias, ...) raise
-    an error naming the field. Extra keywords go to ``quantize_model`` (e.g. ``compute_dtype``).
+    honoured, and so is ``use_dora`` (the magnitudes load into ``Qlora_4_bit(use_dora=True)``); fields
+    we cannot honour (rank/alpha patterns, ``fan_in_fan_out``, bias, ...) raise an error naming the field. Extra keywords go to ``quantize_model`` (e.g. ``compute_dtype``).
     """
     folder = Path(path)
     for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE):

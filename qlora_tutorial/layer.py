@@ -36,7 +36,8 @@ from . import lora
 from .fast import base_forward
 from .lora import check_rank_alpha, init_lora_, lora_forward, lora_scale
 from .nf4 import BLOCKSIZES, State4bit, dequantize_nf4
-from .variants import dora_factor, dora_magnitude, dora_merged_weight, dora_output, int8_weight, is_int8_base, make_int8_base
+from .variants import (dora_factor, dora_magnitude, dora_merged_weight, dora_output, int8_weight, is_int8_base,
+                       make_int8_base)
 
 # What bitsandbytes' 4-bit quantizer takes (float64 and integer weights fail inside it).
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -89,6 +90,18 @@ def check_quant_settings(quant_type, blocksize, name: str) -> None:
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
         raise ValueError(f"{name}: blocksize must be one of {BLOCKSIZES} (the 4-bit block sizes bitsandbytes "
                          f"supports), got {blocksize!r}; the usual choice is 64")
+
+
+def check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, name: str) -> None:
+    """Settings that only some modes use: DoRA needs the LoRA matrices; an 8-bit base has neither a
+    blocksize (one scale per row) nor a compute dtype (``Linear8bitLt`` computes in the input's)."""
+    if use_dora and not require_lora:
+        raise ValueError(f"{name}: use_dora=True needs the LoRA matrices (require_lora=True): DoRA rescales "
+                         "W0 + s * dW, and without an adapter there is nothing to train")
+    if quant_type == "int8" and (blocksize != 64 or compute_dtype is not None):
+        raise ValueError(f"{name}: quant_type='int8' (LLM.int8) has one scale per row and computes in the input's "
+                         f"dtype; blocksize={blocksize!r} and compute_dtype={compute_dtype!r} apply to 4-bit bases "
+                         "only. Leave them at their defaults")
 
 
 def check_weight_to_wrap(linear: nn.Linear, name: str, use_qlora: bool) -> None:
@@ -162,9 +175,7 @@ class Qlora_4_bit(nn.Module):
         check_features(in_features, out_features, where)
         check_rank_alpha(r, alpha)
         check_quant_settings(quant_type, blocksize, where)
-        if use_dora and not require_lora:
-            raise ValueError(f"{where}: use_dora=True needs the LoRA matrices (require_lora=True): DoRA rescales "
-                             "W0 + s * dW, and without an adapter there is nothing to train")
+        check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, where)
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"{where}: dtype must be a floating-point dtype, got {dtype}")
         if linear is None:

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 import bitsandbytes as bnb
 from torch import nn
 
-from .layer import QUANTIZED_LINEAR_TYPES, Qlora_4_bit, check_features, check_quant_settings, check_weight_to_wrap
+from .layer import (QUANTIZED_LINEAR_TYPES, Qlora_4_bit, check_features, check_quant_settings, check_variant_settings,
+                    check_weight_to_wrap)
 from .lora import check_rank_alpha, resolve_target_names, target_matches
 
 
@@ -139,9 +140,7 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     check_rank_alpha(r, alpha)
     check_quant_settings(quant_type, blocksize, "quantize_model")
-    if use_dora and not require_lora:
-        raise ValueError("quantize_model: use_dora=True needs require_lora=True (DoRA trains a magnitude beside the "
-                         "LoRA matrices)")
+    check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, "quantize_model")
     targets = resolve_target_names(mlp_layers)
     _check_not_prequantized(module)
     settings = dict(alpha=alpha, r=r, require_lora=bool(require_lora), use_qlora=bool(use_qlora), rslora=rslora,

@@ -44,6 +44,15 @@ def copy_ours_into_peft(ours, theirs):
                 peft_layer.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
 
 
+def train_side_by_side(pairs, steps=3):
+    """A few optimizer steps of each (model, optimizer) on the same batch."""
+    for _ in range(steps):
+        for model, opt in pairs:
+            opt.zero_grad()
+            model(input_ids=IDS, labels=IDS).loss.backward()
+            opt.step()
+
+
 def peft_twin(ours, base, use_dora):
     theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0,
                                                        use_dora=use_dora))
@@ -110,12 +119,8 @@ def test_dora_trains_like_peft_for_three_adamw_steps():
     ours = quantize_model(tiny_llama(seed=0), TARGETS, alpha=8, r=4, use_qlora=False, use_dora=True)
     randomize_lora(ours)
     theirs = peft_twin(ours, tiny_llama(seed=0), use_dora=True)
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (ours, theirs)]
-    for step in range(3):
-        for model, opt in zip((ours, theirs), opts):
-            opt.zero_grad()
-            model(input_ids=IDS, labels=IDS).loss.backward()
-            opt.step()
+    train_side_by_side([(m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3))
+                        for m in (ours, theirs)])
     for name in wrapped_layers(ours):
         layer, peft_layer = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
         assert (layer.W_b - peft_layer.lora_B["default"].weight.T).abs().max().item() < 1e-5
@@ -147,12 +152,21 @@ def test_dora_adapter_refuses_a_model_wrapped_without_dora(tmp_path):
     fails_and_changes_nothing(plain, lambda: adapters.load_adapter(plain, tmp_path), "DoRA adapter")
 
 
+@pytest.mark.parametrize("kwargs", [dict(blocksize=128), dict(compute_dtype=torch.bfloat16)])
+def test_int8_refuses_the_4bit_only_settings(kwargs):
+    with pytest.raises(ValueError, match="apply to 4-bit bases only"):
+        Qlora_4_bit.from_linear(nn.Linear(64, 32), 8, 4, quant_type="int8", **kwargs)
+    model = tiny_llama(seed=0)
+    fails_and_changes_nothing(model, lambda: quantize_model(model, TARGETS, 8, 4, quant_type="int8", **kwargs),
+                              "apply to 4-bit bases only")
+
+
 def test_dora_needs_the_lora_matrices():
     with pytest.raises(ValueError, match="use_dora=True needs"):
         Qlora_4_bit.from_linear(nn.Linear(64, 32), 8, 4, require_lora=False, use_dora=True)
     model = tiny_llama(seed=0)
     fails_and_changes_nothing(model, lambda: quantize_model(model, TARGETS, 8, 4, require_lora=False, use_dora=True),
-                              "use_dora=True needs require_lora=True")
+                              "use_dora=True needs the LoRA matrices")
 
 
 # ---------------------------------------------------------------- 8-bit base
@@ -222,11 +236,7 @@ def test_loraplus_groups_match_peft_and_train_the_same():
     opt_theirs = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
     lrs = lambda opt: sorted((g["lr"], len(g["params"])) for g in opt.param_groups if g["params"])
     assert lrs(opt_ours) == lrs(opt_theirs) == [(1e-3, len(TARGETS) * 2), (16e-3, len(TARGETS) * 2)]
-    for _ in range(3):
-        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
-            opt.zero_grad()
-            model(input_ids=IDS, labels=IDS).loss.backward()
-            opt.step()
+    train_side_by_side([(ours, opt_ours), (theirs, opt_theirs)])
     for name in wrapped_layers(ours):
         layer, peft_layer = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
         # Adam moves each entry by about lr per step (3 steps: 3e-3 for A, 4.8e-2 for B); the two

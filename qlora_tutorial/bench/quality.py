@@ -108,6 +108,8 @@ def load(name: str) -> list[dict]:
 
     text = data_text("qlora_quality.csv" if name == "quality" else "variants_date_task.csv")
     rows = list(csv.DictReader(text.splitlines()))
+    if rows and list(rows[0]) != FIELDS:
+        raise ValueError(f"not a quality-study CSV: its columns are {list(rows[0])}, expected {FIELDS}")
     for row in rows:
         row.update(r=int(row["r"]), seed=int(row["seed"]), lr=float(row["lr"]), value=float(row["value"]))
     return rows
