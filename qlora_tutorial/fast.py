@@ -14,6 +14,7 @@ operations per layer while the GPU waits. Three tools remove that, each measured
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -34,8 +35,8 @@ class _NF4Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, absmax, code, absmax2, code2, offset, bias, blocksize, blocksize2, rows, cols):
-        weight = nf4_triton.dequantize_nf4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2,
-                                           rows, cols, x.dtype)
+        weight = nf4_triton.dequantize_for_matmul(packed, absmax, code, absmax2, code2, offset, blocksize,
+                                                  blocksize2, rows, cols, x.dtype)
         ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
         ctx.sizes = (blocksize, blocksize2, rows, cols)
         ctx.bias_needs_grad = bias is not None and bias.requires_grad
@@ -46,8 +47,8 @@ class _NF4Linear(torch.autograd.Function):
         packed, absmax, code, absmax2, code2, offset = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = nf4_triton.dequantize_nf4(packed, absmax, code, absmax2, code2, offset, *ctx.sizes,
-                                               grad_out.dtype)
+            weight = nf4_triton.dequantize_for_matmul(packed, absmax, code, absmax2, code2, offset, *ctx.sizes,
+                                                      grad_out.dtype, backward=True)
             grad_x = grad_out @ weight
         if ctx.bias_needs_grad:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
@@ -138,6 +139,51 @@ def compile_for_training(model: nn.Module, mode: str = "default", regional: bool
 
 
 # ------------------------------------------------------------------ CUDA graphs
+@contextlib.contextmanager
+def recording_like_warmup(model: nn.Module, inputs: dict):
+    """While a step is recorded: the model's Python takes the path it took in the warm-up, and anything
+    that would compile instead raises ``torch._dynamo.exc.RecompileError``.
+
+    Hugging Face ``transformers`` cannot look at tensor values while a CUDA graph records (that would
+    wait for the GPU), so when it sees a recording it gives up the shortcut it takes otherwise for a
+    causal batch without padding, and builds a full attention mask. The compiled decoder layers, warmed
+    up without a mask, would then be compiled again inside the recording, which fails. Where the batch has
+    no ``attention_mask`` and no ``position_ids`` (a full causal batch, nothing to mask beyond causality),
+    this makes the causal mask what it is outside a recording: none, with the attention's causal flag.
+    """
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    masks = None
+    if implementation == "sdpa" and "attention_mask" not in inputs and "position_ids" not in inputs:
+        try:
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
+        except ImportError:  # not a transformers model, or a transformers without this registry
+            masks = None
+    saved = None
+    if masks is not None:
+        original = masks["sdpa"]
+        saved = masks._local_mapping.get("sdpa")
+
+        def causal_without_padding(**kwargs):
+            # no padding and as many queries as keys: the mask is causality alone, which the attention's
+            # causal flag gives (transformers checks the packing of the positions here outside a
+            # recording; the batch has no position_ids, so they are 0, 1, 2, ... in every row)
+            if kwargs.get("attention_mask") is None and kwargs.get("local_size") is None and \
+                    kwargs["q_length"] == kwargs["kv_length"]:
+                return None
+            return original(**kwargs)
+
+        masks["sdpa"] = causal_without_padding
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            yield
+    finally:
+        if masks is not None:
+            if saved is None:
+                del masks["sdpa"]
+            else:
+                masks["sdpa"] = saved
+
+
 class CapturedStep:
     """A whole training step, recorded once as a CUDA graph and replayed: ``loss = step(input_ids=...)``.
 
@@ -177,8 +223,15 @@ class CapturedStep:
         try:
             # thread_local: a CUDA call from another thread (torch.compile's workers, for one) must not
             # invalidate the recording; only this thread's work is recorded either way
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.loss = self._step()
+            with recording_like_warmup(model, self.inputs):
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    self.loss = self._step()
+        except torch._dynamo.exc.RecompileError as exc:
+            generator.graphsafe_set_state(saved)
+            raise RuntimeError(
+                "recording the step would recompile the compiled model (a CUDA graph cannot record "
+                f"compilation): the step took another path than in the warm-up ({exc}). Record a step "
+                "whose Python does the same while recording as outside it.") from exc
         except Exception:
             # a failed recording leaves the default random generator in capture mode, and every later
             # random draw on the GPU would fail: give it back its state from before

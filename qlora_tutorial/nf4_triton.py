@@ -20,7 +20,8 @@ compiled with ``enable_fp_fusion=False``, so they are not fused into one multipl
 
 ``dequantize_nf4`` is a PyTorch custom operator (``torch.ops.qlora_tutorial.dequantize_nf4``): on
 CUDA it runs the Triton kernel, elsewhere the same arithmetic in plain PyTorch (``dequantize_torch``).
-``torch.compile`` treats it as one opaque call, and a CUDA graph records its launch.
+``torch.compile`` treats it as one opaque call, and a CUDA graph records its launch. The 4-bit matmul
+(``fast.nf4_linear``) reaches it through ``dequantize_for_matmul``.
 
 Triton is imported only when the kernel is first needed, so the package imports without it.
 """
@@ -33,7 +34,7 @@ import torch
 
 # packed bytes per program (8,192 values, 128 blocks of 64) and warps: the fastest of the tiles tried on
 # an H200 (book/data/gpu_kernels.json: 3,324 GB/s on a 4096 x 11008 bf16 weight, 1,024 x 4: 3,039 GB/s)
-DEFAULT_BYTES = 4096
+DEFAULT_BYTES = 2048
 DEFAULT_WARPS = 8
 
 
@@ -58,22 +59,24 @@ def _kernel():
     def nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                               n_bytes, n_out,
                               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                              BYTES: tl.constexpr):
+                              BLOCKS: tl.constexpr):
+        HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per quantization block
         pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BYTES + tl.arange(0, BYTES)  # packed bytes of this program
-        in_range = offs < n_bytes
-        byte = tl.load(packed_ptr + offs, mask=in_range, other=0).to(tl.int32)
-        block = offs // (BLOCKSIZE // 2)  # a byte holds values 2i and 2i+1: the same block
+        block = pid * BLOCKS + tl.arange(0, BLOCKS)  # the quantization blocks of this program
+        block_ok = block * HALF < n_bytes
+        # one scale per block, computed once (not once per byte)
         if NESTED:
-            q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=in_range, other=0.0)
+            q = tl.load(absmax_ptr + block, mask=block_ok, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=block_ok, other=0.0)
             scale = scale + tl.load(offset_ptr)
         else:
-            scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
-        high = tl.load(code_ptr + (byte >> 4)) * scale  # the first value of the pair
-        low = tl.load(code_ptr + (byte & 0xF)) * scale
-        values = tl.reshape(tl.join(high, low), (2 * BYTES,))  # h0 l0 h1 l1 ...: memory order
-        out_offs = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+            scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
+        offs = block[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (BLOCKS, HALF) packed bytes
+        byte = tl.load(packed_ptr + offs, mask=offs < n_bytes, other=0).to(tl.int32)
+        high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]  # the first value of each pair
+        low = tl.load(code_ptr + (byte & 0xF)) * scale[:, None]
+        values = tl.reshape(tl.join(high, low), (BLOCKS * BLOCKSIZE,))  # h0 l0 h1 l1 ...: memory order
+        out_offs = pid * (BLOCKS * BLOCKSIZE) + tl.arange(0, BLOCKS * BLOCKSIZE)
         tl.store(out_ptr + out_offs, values.to(out_ptr.dtype.element_ty), mask=out_offs < n_out)
 
     return nf4_dequantize_kernel
@@ -82,7 +85,11 @@ def _kernel():
 def dequantize_triton(packed, absmax, code, absmax2, code2, offset, blocksize: int, blocksize2: int,
                       shape, dtype: torch.dtype, *, out: Optional[torch.Tensor] = None,
                       bytes_per_program: int = DEFAULT_BYTES, num_warps: int = DEFAULT_WARPS) -> torch.Tensor:
-    """Launch the Triton kernel (CUDA tensors, or any device under ``TRITON_INTERPRET=1``)."""
+    """Launch the Triton kernel (CUDA tensors, or any device under ``TRITON_INTERPRET=1``).
+
+    Each program handles ``bytes_per_program`` packed bytes (rounded to whole quantization blocks, at
+    least one).
+    """
     n_out = 1
     for s in shape:
         n_out *= int(s)
@@ -90,10 +97,11 @@ def dequantize_triton(packed, absmax, code, absmax2, code2, offset, blocksize: i
         out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     n_bytes = (n_out + 1) // 2
     nested = absmax2 is not None
-    grid = (triton_cdiv(n_bytes, bytes_per_program),)
+    blocks = max(1, bytes_per_program // (blocksize // 2))  # quantization blocks per program
+    grid = (triton_cdiv(triton_cdiv(n_bytes, blocksize // 2), blocks),)
     _kernel()[grid](packed, absmax, code, absmax2 if nested else absmax, code2 if nested else code,
                     offset if nested else absmax, out, n_bytes, n_out,
-                    BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BYTES=bytes_per_program,
+                    BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCKS=blocks,
                     num_warps=num_warps, enable_fp_fusion=False)
     return out
 
@@ -118,11 +126,10 @@ def dequantize_torch(packed, absmax, code, absmax2, code2, offset, blocksize: in
     return (code[index] * scale).to(dtype).reshape(tuple(shape))
 
 
-# ------------------------------------------------------------------ the custom operator
-@torch.library.custom_op("qlora_tutorial::dequantize_nf4", mutates_args=())
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                   absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
-                   blocksize: int, blocksize2: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+# ------------------------------------------------------------------ the custom operators
+def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
+                blocksize: int, blocksize2: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """A (rows, cols) weight in ``dtype`` from bitsandbytes' packed 4-bit bytes and statistics.
 
     ``absmax2``, ``code2`` and ``offset`` are the double-quantization state (``None`` without it).
@@ -134,9 +141,35 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     return dequantize_torch(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, (rows, cols), dtype)
 
 
-@dequantize_nf4.register_fake
-def _(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, rows, cols, dtype):
+def _fake(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, rows, cols, dtype):
     return packed.new_empty((rows, cols), dtype=dtype)
+
+
+# The same operator under two names. The 4-bit matmul dequantizes the weight in the forward and again in
+# the backward; under torch.compile two calls with the same arguments would be merged into one (common
+# subexpression elimination), and the dense weight, the forward's result, would then be kept alive until
+# the backward: a full 16-bit copy of every weight, the memory QLoRA exists to avoid. The backward calls
+# ``dequantize_nf4_recompute``, which the compiler cannot merge with the forward's call.
+dequantize_nf4 = torch.library.custom_op("qlora_tutorial::dequantize_nf4", mutates_args=())(_dequantize)
+dequantize_nf4_recompute = torch.library.custom_op("qlora_tutorial::dequantize_nf4_recompute",
+                                                   mutates_args=())(_dequantize)
+dequantize_nf4.register_fake(_fake)
+dequantize_nf4_recompute.register_fake(_fake)
+
+
+def dequantize_for_matmul(packed, absmax, code, absmax2, code2, offset, blocksize: int, blocksize2: int,
+                          rows: int, cols: int, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
+    """The dense weight for one 4-bit matmul, by the cheapest route that is right where it runs.
+
+    Under ``torch.compile``: the custom operator (``dequantize_nf4_recompute`` in the ``backward``), one
+    opaque call in the graph. In eager mode on CUDA: the Triton kernel launched directly, without the
+    operator's Python dispatch, which costs tens of microseconds per call (more than the kernel takes
+    for most of a model's layers, and paid twice per layer per step). Elsewhere: ``dequantize_torch``.
+    """
+    if torch.compiler.is_compiling():
+        op = dequantize_nf4_recompute if backward else dequantize_nf4
+        return op(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, rows, cols, dtype)
+    return _dequantize(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, rows, cols, dtype)
 
 
 def state_args(quant_state) -> tuple:

@@ -166,6 +166,13 @@ def test_committed_results_have_provenance():
         assert r["compiled"] in bench.COMPILED and r["optimizer"] in bench.OPTIMIZERS
     speed = [r for r in rows if r["command"].startswith("python -m qlora_tutorial.bench --speed")]
     assert {r["compiled"] for r in speed} == set(bench.COMPILED) and all(r["gpu_ms_per_step"] > 0 for r in speed)
+    # several interleaved rounds, so every speed row has a measured spread, and both shapes are there
+    assert all(r["step_s_spread"] >= 0 for r in speed)
+    assert {(r["batch"], r["seq"]) for r in speed} == {(4, 512), (4, 2048)}
+    for name in ("gpu_speed.json", "gpu_speed_4x2048.json"):
+        run = json.loads(bench.data_text(name))
+        assert run["failures"] == [] and run["provenance"]["rounds"] >= 5
+        assert all(len(t) == run["provenance"]["rounds"] for t in run["round_times_s"].values())
     kernels = bench.load_kernels()
     assert kernels["provenance"]["device"] == rows[0]["device"]
     assert kernels["kernels"]["rows"][0]["implementation"].startswith("bitsandbytes")
@@ -319,6 +326,26 @@ def test_speed_targets():
     assert targets["ours QLoRA cudagraphs: wall-clock / GPU-busy"]["ok"]  # 33.6 / 31.0 = 1.08
     assert not targets["ours QLoRA / ours LoRA GPU-busy (cudagraphs)"]["ok"]  # 31.0 / 28.6 = 1.084
     assert not targets["qlora compile: ours / PEFT step"]["ok"] and targets["qlora compile: ours / PEFT peak memory"]["ok"]
+
+
+def test_paired_ratio():
+    times = {"a": [1.0, 2.0, 3.0], "b": [2.0, 1.0, 4.0]}
+    r = bench.paired_ratio(times, "a", "b")
+    assert r == {"median": 0.75, "min": 0.5, "max": 2.0, "faster_rounds": 2, "rounds": 3}
+    with pytest.raises(ValueError, match="no round"):
+        bench.paired_ratio({"a": [], "b": []}, "a", "b")
+
+
+def test_kernels_only_keeps_the_rest_of_the_file(tmp_path):
+    out_json = tmp_path / "k.json"
+    out_json.write_text(json.dumps({"provenance": {"command": "earlier"}, "kernels": {"old": True}}))
+    assert bench.main(["--kernels-only", "--device", "cpu", "--kernel-shape", "2x64", "--no-compile",
+                       "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["provenance"] == {"command": "earlier"}  # untouched
+    assert result["kernels"]["rows"][0]["implementation"].startswith("bitsandbytes")
+    assert all(r["equal_to_bitsandbytes"] for r in result["kernels"]["rows"])
+    assert result["kernels_provenance"]["command"].startswith("python -m qlora_tutorial.bench --kernels-only")
 
 
 def test_speed_run_on_cpu(tmp_path):

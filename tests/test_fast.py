@@ -78,6 +78,57 @@ def test_layer_traces_without_graph_breaks(use_qlora):
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("nested", [True, False])
+def test_compiled_layer_keeps_no_dense_weight_for_the_backward(nested):
+    """Compiled, the 4-bit layer saves the packed weight for its backward, never the dequantized one.
+
+    The forward graph's outputs beyond the layer's output are what the backward keeps alive. With the
+    partitioner torch.compile uses for training (min-cut), no (out, in) floating-point tensor may be
+    among them: the backward dequantizes again.
+    """
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    q = layer(compress_statistics=nested)
+    saved = []
+
+    def forward_compiler(gm, example_inputs):
+        (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+        saved.extend((tuple(o.meta["val"].shape), o.meta["val"].dtype) for o in outputs[1:])
+        return gm.forward
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
+                                     bw_compiler=lambda gm, _: gm.forward,
+                                     partition_fn=min_cut_rematerialization_partition)
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 4, 256, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    torch.compile(q, backend=backend, fullgraph=True)(x).float().sum().backward()
+    torch._dynamo.reset()
+    dense = [(shape, dtype) for shape, dtype in saved if shape in ((192, 256), (256, 192))]
+    assert not dense, f"the compiled forward keeps the dequantized weight for the backward: {saved}"
+    # what it keeps instead: the packed bytes, half a byte per weight
+    assert any(dtype == torch.uint8 and torch.Size(shape).numel() == 192 * 256 // 2 for shape, dtype in saved), saved
+
+
+def test_eager_matmul_dequantizes_without_the_operator_dispatch(monkeypatch):
+    """Eager: the 4-bit matmul calls the kernel (or its PyTorch reference) directly, not through the
+    custom operator, whose Python dispatch costs more than the kernel on a GPU; compiled: the operator."""
+    q = layer()
+    calls = []
+    for name in ("dequantize_nf4", "dequantize_nf4_recompute"):
+        op = getattr(fast.nf4_triton, name)
+        monkeypatch.setattr(fast.nf4_triton, name, lambda *a, _op=op, _n=name, **k: calls.append(_n) or _op(*a, **k))
+    w = q.quant_nn.weight
+    x = torch.randn(2, 4, 256, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    out = fast.nf4_linear(x, w.data, w.quant_state)
+    out.float().sum().backward()
+    assert calls == []
+    expected = x.detach() @ fast.nf4_triton.dequantize_like_bnb(w.data, w.quant_state, DTYPE).T
+    assert torch.equal(out.detach(), expected)
+
+
 def test_compile_for_training_compiles_each_decoder_layer():
     model = quantize_model(tiny_llama().to(DEVICE), TARGETS, 8, 4, compute_dtype=torch.float32)
     ids = torch.randint(0, 256, (2, 16), device=DEVICE)
@@ -108,13 +159,60 @@ def test_captured_step_needs_cuda_and_a_capturable_optimizer():
         fast.CapturedStep(model, torch.optim.AdamW(model.parameters()), input_ids=ids, labels=ids)
 
 
+def test_recording_keeps_the_warmup_attention_path(monkeypatch):
+    """transformers 5.17 builds a full causal mask when it sees a CUDA graph recording (it cannot check
+    the batch for padding or packing then); the compiled layers, warmed up without a mask, would then
+    recompile inside the recording, which fails. ``recording_like_warmup`` keeps the mask-free path for
+    a batch without padding. The recording is simulated by transformers' own check answering yes."""
+    import transformers.utils.import_utils as transformers_utils
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
+    model = tiny_llama()
+    assert model.config._attn_implementation == "sdpa"
+    original = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    masks = []
+    model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+    ids = torch.randint(0, 256, (2, 16))
+    # what transformers 5.17 asks for while recording: packing cannot be ruled out, so no causal shortcut
+    asked = dict(batch_size=2, q_length=16, kv_length=16, mask_function=causal_mask_function, attention_mask=None,
+                 allow_is_causal_skip=False, dtype=torch.float32, device="cpu")
+    built = original(**asked)
+    assert torch.equal(built, torch.ones(16, 16, dtype=torch.bool).tril().expand(2, 1, 16, 16))  # causality alone
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        monkeypatch.setattr(transformers_utils, "is_cuda_stream_capturing", lambda: True)
+        with fast.recording_like_warmup(model, {"input_ids": ids}):
+            assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**asked) is None  # the attention's causal flag instead
+            recorded = model(input_ids=ids).logits
+        assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is original  # as it was
+        padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with fast.recording_like_warmup(model, padded):  # a padding mask: transformers' own path
+            assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is original
+            model(**padded)
+    # the other half of its job: whatever would still compile while recording raises, naming the cause
+    double = torch.compile(lambda t: 2 * t, backend="eager")
+    double(torch.ones(3))
+    with pytest.raises(torch._dynamo.exc.RecompileError):
+        with fast.recording_like_warmup(torch.nn.Linear(2, 2), {}):
+            double(torch.ones(3, dtype=torch.float64))
+    assert masks[0] is None and masks[1] is None  # outside a recording, and recording with the helper
+    assert isinstance(masks[2], torch.Tensor)  # padding given: transformers builds the mask while recording
+    torch.testing.assert_close(recorded, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
-def test_captured_qlora_step_trains_like_eager():
-    """The same QLoRA model and batches, stepped eagerly and through the recorded graph: the same losses."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_captured_qlora_step_trains_like_eager(compiled):
+    """The same QLoRA model and batches, stepped eagerly and through the recorded graph (of the model as
+    it is, or compiled layer by layer first): the same losses."""
     losses = {}
     for how in ("eager", "graph"):
         torch.manual_seed(0)
+        torch._dynamo.reset()
         model = quantize_model(tiny_llama().to(DEVICE), TARGETS, 8, 4, compute_dtype=torch.float32)
+        if compiled and how == "graph":
+            fast.compile_for_training(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, capturable=True)
         batches = [torch.randint(0, 256, (2, 16), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(i))
                    for i in range(6)]

@@ -38,6 +38,8 @@ def test_operator_registration_and_errors():
     packed, state = quantized((8, 128), torch.float32, True, 0)
     args = (packed, *nf4_triton.state_args(state), torch.float32)
     torch.library.opcheck(torch.ops.qlora_tutorial.dequantize_nf4.default, args)
+    torch.library.opcheck(torch.ops.qlora_tutorial.dequantize_nf4_recompute.default, args)
+    assert torch.equal(nf4_triton.dequantize_nf4_recompute(*args), nf4_triton.dequantize_nf4(*args))
     _, fp4_state = bnbF.quantize_4bit(torch.randn(8, 128).to(DEVICE), quant_type="fp4")
     with pytest.raises(ValueError, match="NF4 only"):
         nf4_triton.dequantize_like_bnb(packed, fp4_state)

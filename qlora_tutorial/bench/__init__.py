@@ -36,10 +36,10 @@ from .cli import main, speed_main, suite_main
 from .kernels import TRITON_CONFIGS, bytes_check, copy_bandwidth, kernel_benchmark, time_fn, triton_exactness
 from .profiling import count_dispatched_ops, gpu_busy_ms, profile_steps, table_totals
 from .results import (CSV_COLUMNS, CSV_PATH, GIB, KERNELS_PATH, RAW_DATA_URL, REPOSITORY, ROW_KEY, compare, data_text,
-                      device_name, load_benchmark, load_kernels, merge_rows, parse_csv, provenance, read_csv, versions,
-                      write_csv, write_json)
-from .speed import (COMPILED, DEFAULT_SPEED_SETUPS, OPTIMIZERS, Prepared, Setup, make_optimizer, parse_speed_setups,
-                    run_rounds, speed_targets)
+                      device_name, load_benchmark, load_kernels, merge_rows, parse_csv, provenance, read_csv, shown_command,
+                      versions, write_csv, write_json)
+from .speed import (COMPILED, DEFAULT_SPEED_SETUPS, OPTIMIZERS, Prepared, Setup, make_optimizer, paired_ratio,
+                    parse_speed_setups, run_rounds, speed_targets)
 from .step import Point, train_step
 from .suite import (SETUPS, TARGETS, bench_config, build, measure, parse_setups, parse_shapes, run_suite,
                     save_random_model)
@@ -49,16 +49,16 @@ __all__ = [
     "Point", "train_step",
     # results
     "CSV_COLUMNS", "CSV_PATH", "GIB", "KERNELS_PATH", "RAW_DATA_URL", "REPOSITORY", "ROW_KEY", "compare", "data_text",
-    "device_name", "load_benchmark", "load_kernels", "merge_rows", "parse_csv", "provenance", "read_csv", "versions",
-    "write_csv", "write_json",
+    "device_name", "load_benchmark", "load_kernels", "merge_rows", "parse_csv", "provenance", "read_csv",
+    "shown_command", "versions", "write_csv", "write_json",
     # profiling
     "count_dispatched_ops", "gpu_busy_ms", "profile_steps", "table_totals",
     # suite
     "SETUPS", "TARGETS", "bench_config", "build", "measure", "parse_setups", "parse_shapes", "run_suite",
     "save_random_model",
     # speed
-    "COMPILED", "DEFAULT_SPEED_SETUPS", "OPTIMIZERS", "Prepared", "Setup", "make_optimizer", "parse_speed_setups",
-    "run_rounds", "speed_targets",
+    "COMPILED", "DEFAULT_SPEED_SETUPS", "OPTIMIZERS", "Prepared", "Setup", "make_optimizer", "paired_ratio",
+    "parse_speed_setups", "run_rounds", "speed_targets",
     # kernels
     "TRITON_CONFIGS", "bytes_check", "copy_bandwidth", "kernel_benchmark", "time_fn", "triton_exactness",
     # cli

@@ -3,6 +3,7 @@ to do, with which sizes, and where the CSV and the JSON go."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import nf4_triton
 from .kernels import kernel_benchmark
 from .results import (CSV_PATH, GIB, KERNELS_PATH, compare, merge_rows, provenance, read_csv, triton_version,
                       write_csv, write_json)
@@ -34,6 +36,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
     parser.add_argument("--kernel-shape", default=None, help="OUTxIN of the dequantized weight, default 4096x11008")
     parser.add_argument("--no-kernels", action="store_true")
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="only the NF4 dequantization benchmark, into the 'kernels' entry of --json")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd dequantization")
     parser.add_argument("--profile", action="store_true", help="profile LoRA/QLoRA ours and PEFT at the first shape")
     parser.add_argument("--speed", action="store_true",
@@ -80,6 +84,8 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
 
+    if args.kernels_only:
+        return kernels_main(args, device, kernel_shape, dtype, command, log)
     if args.speed:
         return speed_main(args, config, shapes[0], device, dtype, warmup, steps, kernel_shape, command, log)
     return suite_main(args, config, shapes, ckpt, setups, device, dtype, warmup, steps, kernel_shape, command, log)
@@ -174,6 +180,26 @@ def speed_main(args, config, shape, device, dtype, warmup, steps, kernel_shape, 
     for t in result["targets"]:
         print(f"target {t['target']}: {t['value']} (limit {t['limit']}) {'ok' if t['ok'] else 'MISS'}")
     return 1 if speed["failures"] or "kernel_failure" in result else 0
+
+
+def kernels_main(args, device, kernel_shape, dtype, command, log) -> int:
+    """``--kernels-only``: the NF4 dequantization benchmark into ``--json``'s ``kernels`` entry (with its own
+    provenance, ``kernels_provenance``); the file's other entries stay as they are."""
+    result = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    kernels, exc = run_kernels(args, device, kernel_shape, dtype, log)
+    if exc is not None:
+        log(f"kernel benchmark FAILED: {type(exc).__name__}: {exc}")
+        return 1
+    result["kernels"] = kernels
+    result["kernels_provenance"] = {
+        **provenance(device, command), "triton": triton_version(),
+        "note": "Rows named 'nf4_triton, B bytes x W warps' launch our kernel directly with that tile (packed bytes "
+                "per program, warps) and measure the GPU's time; rows named 'custom op' reach the same kernel "
+                "through torch.library's Python dispatch, whose cost per call can exceed the kernel's. Default "
+                f"tiles: {nf4_triton.DEFAULT_BYTES} bytes x {nf4_triton.DEFAULT_WARPS} warps."}
+    write_json(result, args.json)
+    log(f"wrote the kernels to {args.json}")
+    return 0
 
 
 def run_kernels(args, device, kernel_shape, dtype, log) -> tuple[dict | None, Exception | None]:

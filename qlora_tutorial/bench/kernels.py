@@ -51,7 +51,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 * GIB, repeat: int = 20
     return 2 * nbytes / seconds
 
 
-TRITON_CONFIGS = ((512, 4), (1024, 4), (2048, 4), (2048, 8), (4096, 8))
+TRITON_CONFIGS = ((512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8))
 
 
 def kernel_benchmark(device: torch.device, shape=(4096, 11008), dtype: torch.dtype = torch.bfloat16,
@@ -104,6 +104,11 @@ def kernel_benchmark(device: torch.device, shape=(4096, 11008), dtype: torch.dty
     inputs_n = [(packed_n.clone(), _clone_state(state_n)) for _ in range(copies)]
     variants_n = [("bitsandbytes dequantize_4bit, double-quantized", lambda p, s: bnbF.dequantize_4bit(p, s), inputs_n)]
     if triton_ok:
+        for nbytes, warps in triton_configs:
+            variants_n.append((f"ours Triton kernel, double-quantized (nf4_triton, {nbytes} bytes x {warps} warps)",
+                               lambda p, s, nb=nbytes, w=warps: nf4_triton.dequantize_triton(
+                                   p, *nf4_triton.state_args(s)[:-2], s.shape, dtype, bytes_per_program=nb,
+                                   num_warps=w), inputs_n))
         variants_n.append(("ours Triton kernel, double-quantized (custom op)",
                            lambda p, s: nf4_triton.dequantize_like_bnb(p, s), inputs_n))
     rows_n = time_variants(variants_n, moved_n, reference_n, device, repeat, copy_bps, log)

@@ -33,6 +33,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+from .results import shown_command  # noqa: F401  (the chapters show the study's commands through it)
+
 BASES = {
     "bf16": dict(use_qlora=False),
     "nf4": dict(quant_type="nf4", compress_statistics=False),
@@ -113,15 +115,6 @@ def load(name: str) -> list[dict]:
     for row in rows:
         row.update(r=int(row["r"]), seed=int(row["seed"]), lr=float(row["lr"]), value=float(row["value"]))
     return rows
-
-
-def shown_command(command: str) -> str:
-    """A recorded command without its ``--out`` folder (a path on the machine that ran it)."""
-    words = shlex.split(command)
-    if "--out" in words:
-        i = words.index("--out")
-        del words[i:i + 2]
-    return " ".join(map(shlex.quote, words))
 
 
 def summary(rows: list[dict], metric: str) -> dict[str, tuple[float, float, int]]:

@@ -47,6 +47,19 @@ def provenance(device: torch.device, command: str) -> dict:
             "command": command}
 
 
+def shown_command(command: str) -> str:
+    """A recorded command without its output locations (``--out``, ``--csv``, ``--json`` and their
+    paths, which are paths on the machine that ran it): what a reader would type."""
+    import shlex
+
+    words = shlex.split(command)
+    for option in ("--out", "--csv", "--json"):
+        while option in words:
+            i = words.index(option)
+            del words[i:i + 2]
+    return " ".join(map(shlex.quote, words))
+
+
 def triton_version() -> str | None:
     from .. import nf4_triton
 

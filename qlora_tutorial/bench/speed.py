@@ -293,3 +293,15 @@ def speed_targets(rows: list[dict]) -> list[dict]:
                 if om and pm:
                     check(f"{mode} {c}: ours / PEFT peak memory", om / pm, 0.85)
     return out
+
+
+def paired_ratio(round_times: dict, a: str, b: str) -> dict:
+    """Setup ``a``'s wall-clock step over setup ``b``'s, round by round (the same round: the host's slow
+    drifts hit both), from a speed run's ``round_times_s`` keyed by ``Setup.label``: the median, the
+    smallest and largest of the per-round ratios, and in how many rounds ``a`` was faster."""
+    ratios = [x / y for x, y in zip(round_times[a], round_times[b])]
+    if not ratios:
+        raise ValueError(f"no round has both {a!r} and {b!r}")
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "faster_rounds": sum(r < 1 for r in ratios), "rounds": len(ratios)}
+
