@@ -1,7 +1,7 @@
 """Making a training step fast: the 4-bit base through our own kernel, compilation, CUDA graphs.
 
-A LoRA step on a large GPU is mostly the host's work: Python and PyTorch dispatch hundreds of small
-operations per layer while the GPU waits. Three tools remove that, each measured in the book:
+A LoRA step on a large GPU is mostly the host's work: Python and PyTorch dispatch thousands of small
+operations per step while the GPU waits. Three tools remove that, each measured in the book:
 
 * ``nf4_linear``: the 4-bit base layer's forward and backward with the weight dequantized by our
   Triton kernel (``nf4_triton``), a custom operator that ``torch.compile`` traces without a graph
@@ -150,6 +150,10 @@ def recording_like_warmup(model: nn.Module, inputs: dict):
     up without a mask, would then be compiled again inside the recording, which fails. Where the batch has
     no ``attention_mask`` and no ``position_ids`` (a full causal batch, nothing to mask beyond causality),
     this makes the causal mask what it is outside a recording: none, with the attention's causal flag.
+    It does so for models with PyTorch's ``sdpa`` attention; other models keep transformers' own path.
+    The error covers recompiling what the warm-up compiled, which is what a changed path causes; a
+    compiled function that the warm-up never called would be compiled for the first time, which this
+    does not catch (the warm-up runs the same step, so every compiled region has run before).
     """
     implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
     masks = None

@@ -8,11 +8,11 @@ offset``. Dequantization is then
     w[i] = code[index[i]] * absmax[i // blocksize]       (in float32, then rounded to bf16/fp16/fp32)
 
 It reads half a byte per value and writes two (bf16): a pure memory-bound kernel. One program here
-handles ``BYTES`` packed bytes: it loads them in one coalesced read, splits the nibbles, looks both
-values up in the 16-entry code (which stays in the L1 cache), scales them, and writes the ``2 *
-BYTES`` results interleaved, in one coalesced write. Each scale is computed once per byte from the
-(8-bit or float32) statistics right in the kernel: no separate pass over the absmax constants, as
-bitsandbytes makes for double quantization.
+handles ``BLOCKS`` whole quantization blocks: it computes each block's scale once from the (8-bit or
+float32) statistics, right in the kernel (no separate pass over the absmax constants, as bitsandbytes
+makes for double quantization), loads the packed bytes in one coalesced read, splits the nibbles, looks
+both values up in the 16-entry code (which stays in the L1 cache), scales them, and writes the results
+interleaved, in one coalesced write.
 
 Rounding is bitsandbytes': the product in float32, rounded once to the output dtype. The two
 float32 steps of double quantization (a product, then ``+ offset``) stay two roundings: the kernel is
@@ -32,8 +32,9 @@ from typing import Optional
 
 import torch
 
-# packed bytes per program (8,192 values, 128 blocks of 64) and warps: the fastest of the tiles tried on
-# an H200 (book/data/gpu_kernels.json: 3,324 GB/s on a 4096 x 11008 bf16 weight, 1,024 x 4: 3,039 GB/s)
+# packed bytes per program (4,096 values, 64 blocks of 64) and warps: the fastest double-quantized tile
+# measured on an H200 (book/data/gpu_kernels.json; the differences between tiles are near the noise
+# between runs)
 DEFAULT_BYTES = 2048
 DEFAULT_WARPS = 8
 
