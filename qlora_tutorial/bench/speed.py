@@ -304,4 +304,3 @@ def paired_ratio(round_times: dict, a: str, b: str) -> dict:
         raise ValueError(f"no round has both {a!r} and {b!r}")
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
             "faster_rounds": sum(r < 1 for r in ratios), "rounds": len(ratios)}
-
