@@ -230,16 +230,15 @@ class CapturedStep:
             with recording_like_warmup(model, self.inputs):
                 with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                     self.loss = self._step()
-        except torch._dynamo.exc.RecompileError as exc:
-            generator.graphsafe_set_state(saved)
-            raise RuntimeError(
-                "recording the step would recompile the compiled model (a CUDA graph cannot record "
-                f"compilation): the step took another path than in the warm-up ({exc}). Record a step "
-                "whose Python does the same while recording as outside it.") from exc
-        except Exception:
+        except Exception as exc:
             # a failed recording leaves the default random generator in capture mode, and every later
             # random draw on the GPU would fail: give it back its state from before
             generator.graphsafe_set_state(saved)
+            if isinstance(exc, torch._dynamo.exc.RecompileError):
+                raise RuntimeError(
+                    "recording the step would recompile the compiled model (a CUDA graph cannot record "
+                    f"compilation): the step took another path than in the warm-up ({exc}). Record a step "
+                    "whose Python does the same while recording as outside it.") from exc
             raise
 
     def _step(self) -> torch.Tensor:

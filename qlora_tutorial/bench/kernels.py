@@ -86,14 +86,8 @@ def kernel_benchmark(device: torch.device, shape=(4096, 11008), dtype: torch.dty
     if compile:
         variants.append(("ours one-shot (torch.compile)", torch.compile(nf4.dequantize_4bit_oneshot), oneshot_args))
     triton_ok = device.type == "cuda" and nf4_triton.triton_available()
-    if triton_ok:  # our from-scratch kernel, at a few tile sizes (packed bytes per program, warps)
-        for nbytes, warps in triton_configs:
-            variants.append((f"ours Triton kernel (nf4_triton, {nbytes} bytes x {warps} warps)",
-                             lambda p, s, nb=nbytes, w=warps: nf4_triton.dequantize_triton(
-                                 p, *nf4_triton.state_args(s)[:-2], s.shape, dtype, bytes_per_program=nb,
-                                 num_warps=w), inputs_b))
-        variants.append(("ours Triton kernel (custom op, default tiles)",
-                         lambda p, s: nf4_triton.dequantize_like_bnb(p, s), inputs_b))
+    if triton_ok:
+        variants += triton_variants("ours Triton kernel", "custom op, default tiles", inputs_b, dtype, triton_configs)
     copy_bps = copy_bandwidth(device, copy_bytes) if device.type == "cuda" else float("nan")
     rows = time_variants(variants, moved, reference, device, repeat, copy_bps, log)
     # double quantization (QLoRA as the paper defines it): 8-bit absmax codes, float32 second-level scales
@@ -104,13 +98,8 @@ def kernel_benchmark(device: torch.device, shape=(4096, 11008), dtype: torch.dty
     inputs_n = [(packed_n.clone(), _clone_state(state_n)) for _ in range(copies)]
     variants_n = [("bitsandbytes dequantize_4bit, double-quantized", lambda p, s: bnbF.dequantize_4bit(p, s), inputs_n)]
     if triton_ok:
-        for nbytes, warps in triton_configs:
-            variants_n.append((f"ours Triton kernel, double-quantized (nf4_triton, {nbytes} bytes x {warps} warps)",
-                               lambda p, s, nb=nbytes, w=warps: nf4_triton.dequantize_triton(
-                                   p, *nf4_triton.state_args(s)[:-2], s.shape, dtype, bytes_per_program=nb,
-                                   num_warps=w), inputs_n))
-        variants_n.append(("ours Triton kernel, double-quantized (custom op)",
-                           lambda p, s: nf4_triton.dequantize_like_bnb(p, s), inputs_n))
+        variants_n += triton_variants("ours Triton kernel, double-quantized", "custom op", inputs_n, dtype,
+                                      triton_configs)
     rows_n = time_variants(variants_n, moved_n, reference_n, device, repeat, copy_bps, log)
     if triton_ok:
         checks["triton_equal_bnb"] = triton_exactness(device)
@@ -118,6 +107,19 @@ def kernel_benchmark(device: torch.device, shape=(4096, 11008), dtype: torch.dty
             "bytes_moved_per_dequantization": moved, "copy_GBps": copy_bps / 1e9 if math.isfinite(copy_bps) else None,
             "rows": rows, "double_quant": {"bytes_moved_per_dequantization": moved_n, "rows": rows_n},
             "bytes_check": checks}
+
+
+def triton_variants(name: str, op_label: str, inputs, dtype: torch.dtype, configs) -> list[tuple]:
+    """Our Triton kernel as benchmark variants: launched directly at each tile of ``configs`` (packed
+    bytes per program, warps), then through the custom operator at the default tiles."""
+    from .. import nf4_triton
+
+    out = [(f"{name} (nf4_triton, {nbytes} bytes x {warps} warps)",
+            lambda p, s, nb=nbytes, w=warps: nf4_triton.dequantize_triton(
+                p, *nf4_triton.state_args(s)[:-2], s.shape, dtype, bytes_per_program=nb, num_warps=w), inputs)
+           for nbytes, warps in configs]
+    out.append((f"{name} ({op_label})", lambda p, s: nf4_triton.dequantize_like_bnb(p, s), inputs))
+    return out
 
 
 def bytes_check(weight: torch.Tensor) -> dict:

@@ -33,8 +33,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from .results import shown_command  # noqa: F401  (the chapters show the study's commands through it)
-
 BASES = {
     "bf16": dict(use_qlora=False),
     "nf4": dict(quant_type="nf4", compress_statistics=False),
