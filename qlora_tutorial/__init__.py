@@ -1,31 +1,36 @@
 """qlora_tutorial: the companion package of "QLoRA, built up by hand".
 
-Each chapter runs code from here. Read the modules in this order; each one uses only those above it:
+Each chapter runs code from here. Read the modules in this order; each one imports only modules
+above it in this list (``tests/test_imports.py`` checks it, imports inside functions included):
 
-    chapter (site number = file number)  module     what it holds
-    2   book/02_lora                    lora         LoRA math: scale, init, update, merge, counts, targets
-    3   book/03_number_formats          formats      float formats; absmax, zero-point, blockwise int8
-    4   book/04_nf4                     nf4          the 4-bit codes (NF4, FP4, INT4), blockwise 4-bit
-    5   book/05_double_quant_memory     nf4          ... and the 8-bit code of double quantization
-    6   book/06_layer                   layer        Qlora_4_bit: a frozen (4-bit) base plus W_a, W_b
-    7   book/07_quantize_model          quantize     quantize_model, freezing, logical parameter counts
-    8   book/08_finetune                train        the Trainer set-up, tokenising, evaluation
-    9   book/09_adapters                adapters     save/load, PEFT export/import, merge, whole models
-    10  book/10_standard_stack          (all above)  the same recipe with transformers + PEFT + bitsandbytes
-    11  book/11_inside_the_layer        matmul4bit   the 4-bit matmul as an autograd.Function; diagrams
-    5, 8-12                             memory       the bytes of weights, gradients, optimizer states,
-                                                     activations (one rule for 4-bit weights)
-    12  book/12_memory_speed            bench        the measured memory and speed suite
-    13  book/13_making_it_fast          fast         compiled and CUDA-graph training steps; nf4_triton,
-                                                     the NF4 dequantization kernel in Triton
-    12  book/12_memory_speed            fsdp         FSDP2 sharding of 4-bit models (torchrun entry point)
-    14  book/14_variants                variants     an 8-bit (LLM.int8) base, DoRA, LoRA+; bench.quality,
-                                                     the 4-bit against 16-bit study on the date task
+    module      chapter   what it holds
+    device      1         device, dtype, seeds, versions (every chapter's first cell)
+    models      1         the offline model (SmolLM2-135M-Instruct), model configs, random models
+    data        1         the quotes dataset the package ships
+    lora        2         LoRA math: scale, init, update, merge, counts, targets; DoRA's form of the update
+    formats     3         float formats; absmax, zero-point, blockwise int8
+    nf4         4, 5      the 4-bit codes (NF4, FP4, INT4), blockwise 4-bit, double quantization, State4bit
+    matmul4bit  11        the 4-bit matmul as one autograd.Function, and its dequantization backends
+    layer       6, 14     Qlora_4_bit: a frozen base (DenseBase, Base4bit, Base8bit) plus W_a, W_b
+    quantize    7         quantize_model, freezing, logical parameter counts
+    tasks       7-9       the date task and its scoring
+    evaluate    7         perplexity, fake-quantized models
+    train       8         the Trainer set-up, tokenising, generation, evaluation
+    adapters    9         save/load, PEFT export/import, merge, whole-model checkpoints (one job per module)
+    memory      5, 8-12   the bytes of weights, gradients, optimizer states, activations (one byte accounting)
+    diagrams    11        the layer's drawing
+    ----------  above the core: these plug in from above, and nothing listed before imports them
+    nf4_triton  13        the NF4 dequantization kernel in Triton, registered as a backend of matmul4bit
+    fast        13        compiled and CUDA-graph training steps
+    variants    14        LoRA+ (the 8-bit base and DoRA are options of the layer itself)
+    bench       12-14     the measured memory and speed suite; bench.quality, the 4-bit against 16-bit study
+    fsdp        12        FSDP2 sharding of 4-bit models (torchrun entry point)
+    doctor      -         versions, device, and whether 4-bit works here
+    __main__    -         ``python -m qlora_tutorial doctor``
 
-Around them: ``device`` (device, dtype, seeds, versions; every chapter's first cell), ``models``
-and ``data`` (the offline model and data, chapter 1 on), ``tasks`` and ``evaluate`` (the date task
-and perplexity, chapters 7 to 9), ``doctor`` (``python -m qlora_tutorial doctor``). The book's and
-CI's tooling is not part of the package: it lives in ``tools/`` of the repository.
+matmul4bit is taught in chapter 11, but the layer of chapter 6 runs it on every forward pass: it sits
+above the layer. The book's and CI's tooling is not part of the package: it lives in ``tools/`` of
+the repository.
 
 Names are imported lazily: importing the package costs nothing until a name is used.
 """

@@ -70,6 +70,19 @@ def versions() -> dict[str, str]:
     return out
 
 
+def recorded_versions() -> dict[str, str]:
+    """The versions every measurement in ``book/data/`` records: torch, bitsandbytes, transformers, peft."""
+    v = versions()
+    return {k: v[k] for k in ("torch", "bitsandbytes", "transformers", "peft")}
+
+
+def device_name(device: torch.device) -> str:
+    """The device a measurement ran on, as ``book/data/`` records it: the GPU's name, or the CPU's kind."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def apply_num_threads() -> int:
     """Use ``QLORA_NUM_THREADS`` CPU threads if it is set; return torch's thread count.
 

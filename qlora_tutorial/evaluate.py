@@ -53,12 +53,12 @@ def perplexity(model, tokenizer, text: str | None = None, max_length: int = 512)
 
 
 @torch.no_grad()
-def fake_quantize_linears(model: nn.Module, targets, kind: str = "int4", blocksize: int = 64,
+def fake_quantize_linears(model: nn.Module, targets, quant_type: str = "int4", blocksize: int = 64,
                           double_quant: bool = False) -> nn.Module:
     """Replace, in place, the weight of every targeted ``nn.Linear`` by its quantize-dequantize round trip.
 
     The layers stay dense ``nn.Linear`` layers; only their values change, to the ones a 4-bit
-    format (``kind``: "nf4", "fp4", "int4", see ``nf4.fake_quantize``) can represent. Used for
+    format (``quant_type``: "nf4", "fp4", "int4", see ``nf4.fake_quantize``) can represent. Used for
     formats bitsandbytes has no layer for (INT4), and to measure quality without bitsandbytes.
     Returns ``model``.
     """
@@ -67,5 +67,5 @@ def fake_quantize_linears(model: nn.Module, targets, kind: str = "int4", blocksi
 
     for _, module in lora_targets(model, targets):  # every target must match a layer
         w = module.weight
-        module.weight.copy_(fake_quantize(w.data, kind=kind, blocksize=blocksize, double_quant=double_quant).to(w.dtype))
+        module.weight.copy_(fake_quantize(w.data, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant).to(w.dtype))
     return model

@@ -1,12 +1,12 @@
-"""Making a training step fast: the 4-bit base through our own kernel, compilation, CUDA graphs.
+"""Making a training step fast: the 4-bit weights through our own kernel, compilation, CUDA graphs.
 
 A LoRA step on a large GPU is mostly the host's work: Python and PyTorch dispatch thousands of small
 operations per step while the GPU waits. Three tools remove that, each measured in the book:
 
-* ``nf4_linear``: the 4-bit base layer's forward and backward with the weight dequantized by our
-  Triton kernel (``nf4_triton``), a custom operator that ``torch.compile`` traces without a graph
-  break and a CUDA graph records. ``Qlora_4_bit`` calls ``base_forward``, which takes this path on
-  CUDA (and whenever it is being compiled) and bitsandbytes' own forward otherwise.
+* the Triton kernel (``nf4_triton``): importing this module registers it as the backend that
+  dequantizes NF4 weights on CUDA in ``Qlora_4_bit``'s 4-bit matmul (``matmul4bit.MatMul4bit``), one
+  launch per dequantization, which ``torch.compile`` keeps as one opaque operator and a CUDA graph
+  records;
 * ``compile_for_training``: ``torch.compile`` on each repeated block (the decoder layers), so one
   compilation serves every layer ("regional compilation": seconds, not minutes, for a 22-layer model).
 * ``CapturedStep``: a whole training step (forward, loss, backward, optimizer step) recorded once as a
@@ -15,91 +15,11 @@ operations per step while the GPU waits. Three tools remove that, each measured 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from . import nf4_triton
-
-
-# ------------------------------------------------------------------ the 4-bit base layer
-class _NF4Linear(torch.autograd.Function):
-    """y = x @ W^T + b with W dequantized from 4 bits in the forward and again in the backward.
-
-    Only the packed weight and its statistics are saved for the backward, never the dequantized
-    weight: that is what keeps QLoRA's memory at 4 bits per weight (bitsandbytes' ``MatMul4Bit``
-    does the same). The weight is frozen: it gets no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, packed, absmax, code, absmax2, code2, offset, bias, blocksize, blocksize2, rows, cols):
-        weight = nf4_triton.dequantize_for_matmul(packed, absmax, code, absmax2, code2, offset, blocksize,
-                                                  blocksize2, rows, cols, x.dtype)
-        ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
-        ctx.sizes = (blocksize, blocksize2, rows, cols)
-        ctx.bias_needs_grad = bias is not None and bias.requires_grad
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        packed, absmax, code, absmax2, code2, offset = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            weight = nf4_triton.dequantize_for_matmul(packed, absmax, code, absmax2, code2, offset, *ctx.sizes,
-                                                      grad_out.dtype, backward=True)
-            grad_x = grad_out @ weight
-        if ctx.bias_needs_grad:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, None, None, None, None, None, grad_bias, None, None, None, None
-
-
-def nf4_linear(x: torch.Tensor, packed: torch.Tensor, quant_state, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ W^T + bias`` for an NF4 weight (bitsandbytes' packed bytes and ``QuantState``), in x's dtype."""
-    if quant_state.quant_type != "nf4":
-        raise ValueError(f"nf4_linear handles NF4 weights only, this one is {quant_state.quant_type!r}")
-    state = nf4_triton.state_args(quant_state)  # 5 tensors (or None), then 4 sizes
-    return _NF4Linear.apply(x, packed, *state[:5], bias, *state[5:])
-
-
-def uses_fast_path(base: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``base_forward`` takes our kernel's path for this 4-bit base layer and input.
-
-    On CUDA (with Triton), and whenever ``torch.compile`` traces the layer, on any device (the
-    operator then runs its PyTorch version): bitsandbytes' own forward would not trace without graph
-    breaks. Everything else, the chapters' CPU runs included, keeps bitsandbytes' forward.
-    """
-    import bitsandbytes as bnb
-
-    if not isinstance(base, bnb.nn.Linear4bit):
-        return False
-    weight = base.weight
-    state = getattr(weight, "quant_state", None)
-    if state is None or state.quant_type != "nf4" or getattr(state, "packing_format_for_cpu", False):
-        return False
-    if torch.compiler.is_compiling():
-        return True
-    return x.is_cuda and nf4_triton.triton_available()
-
-
-def base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The frozen base layer of a ``Qlora_4_bit`` applied to ``x``.
-
-    For a 4-bit NF4 base on the fast path (``uses_fast_path``): what ``bnb.nn.Linear4bit.forward``
-    computes (input cast to the compute dtype, bias too, the output cast back to the input's dtype),
-    with our kernel dequantizing the weight. Otherwise the layer's own forward.
-    """
-    if not uses_fast_path(base, x):
-        return base(x)
-    weight = base.weight
-    compute_dtype = base.compute_dtype or x.dtype
-    bias = None if base.bias is None else base.bias.to(compute_dtype)
-    # .data: the packed bytes without the Params4bit wrapper, which torch.compile cannot trace through
-    packed = weight.data
-    if packed.dtype != torch.uint8:  # bytes stored as another dtype (quant_storage, as FSDP shards them)
-        packed = packed.view(torch.uint8)
-    return nf4_linear(x.to(compute_dtype), packed, weight.quant_state, bias).to(x.dtype)
+from . import nf4_triton  # noqa: F401  (registers the Triton kernel as the CUDA backend of the 4-bit matmul)
 
 
 # ------------------------------------------------------------------ compilation

@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import memory
 from .layer import Qlora_4_bit
 from .quantize import lora_parameters, quantize_model
 
@@ -84,8 +85,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, *, r: int =
 
     model = build_from_config(model_config(name), device=device, dtype=dtype, seed=seed)
     torch.manual_seed(seed + 1)  # the LoRA initialisation, the same on every rank
-    quantize_model(model, targets, alpha, r, use_qlora=True, compute_dtype=dtype,
-                   compress_statistics=double_quant)
+    quantize_model(model, targets, alpha, r, use_qlora=True, compute_dtype=dtype, double_quant=double_quant)
     quant_storage = quant_storage or dtype
     if quant_storage != torch.uint8:
         set_quant_storage(model, quant_storage)
@@ -168,7 +168,7 @@ def shard(model: nn.Module, mesh) -> nn.Module:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     for m in model.modules():
-        if isinstance(m, Qlora_4_bit) and m.use_qlora:
+        if isinstance(m, Qlora_4_bit) and isinstance(m.quant_nn, bnb.nn.Linear4bit):
             m.register_forward_pre_hook(restore_4bit_weight)
     return model
 
@@ -258,7 +258,7 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 turns clipping off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
-                   help="compress_statistics=False (default: double quantization, as the QLoRA paper)")
+                   help="double_quant=False (default: double quantization, as the QLoRA paper)")
     p.add_argument("--grad-ckpt", action="store_true", help="non-reentrant activation checkpointing")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quant-storage", default="model", choices=("model", "uint8"),
@@ -302,12 +302,7 @@ def _memory(device: torch.device, model: nn.Module) -> dict:
     from torch.distributed.tensor import DTensor
 
     local = sum((p.to_local() if isinstance(p, DTensor) else p).untyped_storage().nbytes() for p in model.parameters())
-    scales = 0
-    for _, layer in _4bit_layers(model):
-        s = layer.quant_state
-        scales += s.absmax.numel() * s.absmax.element_size() + s.code.numel() * s.code.element_size()
-        if s.nested:
-            scales += s.state2.absmax.numel() * s.state2.absmax.element_size()
+    scales = sum(memory.state_bytes(layer.quant_state) for _, layer in _4bit_layers(model))
     out = {"param_bytes": local, "quant_state_bytes": scales}
     if device.type == "cuda":
         out["allocated_bytes"] = torch.cuda.memory_allocated(device)
@@ -380,7 +375,7 @@ def _run(args, argv, device_type, rank, world_size, local_rank) -> int:
 
 
 def _record(args, argv, model, device, world_size, losses, step_s, per_rank) -> dict:
-    from .bench import device_name, versions
+    from .device import device_name, recorded_versions
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return {
@@ -391,7 +386,7 @@ def _record(args, argv, model, device, world_size, losses, step_s, per_rank) -> 
         "steps": args.steps, "warmup": args.warmup, "step_s": step_s,
         "tokens_per_s": args.batch * args.seq / step_s, "losses": losses,
         "ranks": [{k: v for k, v in r.items() if k != "step_s"} for r in per_rank],
-        "device": device_name(device), **versions(),
+        "device": device_name(device), **recorded_versions(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "command": f"{_LAUNCHER.format(n=world_size)} -m qlora_tutorial.fsdp {shlex.join(argv)}",
     }

@@ -2,26 +2,24 @@
 
     y = base(x) + s * (x @ W_a) @ W_b          W_a: (in, r),  W_b: (r, out),  s = alpha / r
 
-Three modes, picked with the original README's two switches:
+The frozen base is an object of its own, picked once when the layer is built, from the original
+README's two switches and the quant type:
 
-* QLoRA (``use_qlora=True, require_lora=True``): the base is a ``bitsandbytes.nn.Linear4bit`` holding
-  the weight as NF4 (blockwise 4-bit, blocksize 64), dequantized on the fly in every forward.
-* LoRA (``use_qlora=False, require_lora=True``): the base is the original ``nn.Linear``, frozen, in
-  its own dtype.
-* Quantization only (``use_qlora=True, require_lora=False``): the 4-bit base alone, for inference.
+* ``Base4bit`` (``use_qlora=True``, the default): the weight as NF4 (or FP4), blockwise 4-bit with
+  double quantization, stored as bitsandbytes stores it, and multiplied by the book's 4-bit matmul
+  (``matmul4bit.MatMul4bit``), which dequantizes it on the fly in every forward and backward pass.
+* ``DenseBase`` (``use_qlora=False``): the original weight, frozen, in its own dtype (LoRA).
+* ``Base8bit`` (``quant_type="int8"``): the weight in 8 bits (LLM.int8, bitsandbytes' ``Linear8bitLt``).
 
-Two variants from the original README's wish list (``qlora_tutorial.variants`` holds their math):
-``quant_type="int8"`` stores the base in 8 bits (LLM.int8, bitsandbytes' ``Linear8bitLt``) instead
-of 4, and ``use_dora=True`` adds DoRA's trainable magnitude ``magnitude`` beside ``W_a``/``W_b``.
+Every base answers the same questions: ``base(x)`` (its forward), ``base.dense_weight()``,
+``base.stored_tensors()`` (what it keeps in memory, counted by ``qlora_tutorial.memory``) and
+``base.settings()`` (how to build it again). Other modules ask the base; none reads its internals.
 
-The LoRA math itself (scale, init, the low-rank branch, the (out, in) update) lives in
-``qlora_tutorial.lora``; this module only assembles it around a base layer.
+``require_lora=False`` leaves the LoRA matrices out (quantization only, for inference), and
+``use_dora=True`` adds DoRA's trainable ``magnitude``. The LoRA math itself (scale, init, the
+low-rank branch, the (out, in) update, DoRA) lives in ``qlora_tutorial.lora``.
 
-On the CPU, bitsandbytes 0.50 dequantizes a 4-bit weight with the wrong block scales when a row
-(``in_features`` values) is not a whole number of blocks. For such layers the forward, ``base_weight``
-and merging use the package's own exact NF4/FP4 dequantizer (``nf4.dequantize_nf4``) instead.
-
-The layer's state dict holds the 4-bit weight as bitsandbytes writes it (packed bytes plus the
+The layer's state dict holds a 4-bit weight as bitsandbytes writes it (packed bytes plus the
 quantization state), and ``load_state_dict`` reads all of it back, so a quantized model saved with
 ``state_dict()`` loads bit-exact into a freshly quantized one.
 """
@@ -33,16 +31,14 @@ import torch
 from torch import nn
 
 from . import lora
-from .fast import base_forward
 from .lora import check_rank_alpha, init_lora_, lora_forward, lora_scale
-from .nf4 import BLOCKSIZES, State4bit, dequantize_nf4
-from .variants import (dora_factor, dora_magnitude, dora_merged_weight, dora_output, int8_weight, is_int8_base,
-                       make_int8_base)
+from .matmul4bit import dequantize, matmul_4bit
+from .nf4 import BLOCKSIZES, State4bit
 
 # What bitsandbytes' 4-bit quantizer takes (float64 and integer weights fail inside it).
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 QUANT_TYPES = ("nf4", "fp4", "int8")
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (bitsandbytes' and transformers' default)
 
 # Layers that bitsandbytes (or transformers' BitsAndBytesConfig) has already quantized.
 QUANTIZED_LINEAR_TYPES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
@@ -61,6 +57,7 @@ def default_compute_dtype(device=None) -> torch.dtype:
     return pick_device(kind if kind in ("cpu", "cuda") else None).dtype
 
 
+# ---------------------------------------------------------------- checks, before anything is built
 def check_plain_linear(linear, name: str = "layer") -> None:
     """Raise a clear error unless ``linear`` is an ordinary (not yet quantized) ``nn.Linear``."""
     if isinstance(linear, Qlora_4_bit):
@@ -92,16 +89,31 @@ def check_quant_settings(quant_type, blocksize, name: str) -> None:
                          f"supports), got {blocksize!r}; the usual choice is 64")
 
 
-def check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, name: str) -> None:
+def check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, name: str,
+                           use_qlora: bool = True) -> None:
     """Settings that only some modes use: DoRA needs the LoRA matrices; an 8-bit base has neither a
-    blocksize (one scale per row) nor a compute dtype (``Linear8bitLt`` computes in the input's)."""
+    blocksize (one scale per row) nor a compute dtype (``Linear8bitLt`` computes in the input's), and
+    needs ``use_qlora=True`` (it is a quantized base)."""
     if use_dora and not require_lora:
         raise ValueError(f"{name}: use_dora=True needs the LoRA matrices (require_lora=True): DoRA rescales "
                          "W0 + s * dW, and without an adapter there is nothing to train")
+    if quant_type == "int8" and not use_qlora:
+        raise ValueError(f"{name}: quant_type='int8' asks for an 8-bit base, but use_qlora=False keeps the base "
+                         "unquantized; use use_qlora=True for the 8-bit base, or leave quant_type out for LoRA")
     if quant_type == "int8" and (blocksize != 64 or compute_dtype is not None):
         raise ValueError(f"{name}: quant_type='int8' (LLM.int8) has one scale per row and computes in the input's "
                          f"dtype; blocksize={blocksize!r} and compute_dtype={compute_dtype!r} apply to 4-bit bases "
                          "only. Leave them at their defaults")
+
+
+def resolve_double_quant(double_quant: bool, compress_statistics, name: str) -> bool:
+    """``double_quant``, or bitsandbytes' name for it, ``compress_statistics``, if that is given instead."""
+    if compress_statistics is None:
+        return bool(double_quant)
+    if double_quant is not True and bool(double_quant) != bool(compress_statistics):
+        raise ValueError(f"{name}: double_quant={double_quant!r} and compress_statistics={compress_statistics!r} "
+                         "are the same setting (compress_statistics is bitsandbytes' name); give one of them")
+    return bool(compress_statistics)
 
 
 def check_weight_to_wrap(linear: nn.Linear, name: str, use_qlora: bool) -> None:
@@ -121,32 +133,218 @@ def check_weight_to_wrap(linear: nn.Linear, name: str, use_qlora: bool) -> None:
                          "checkpoint damaged, or did an earlier training run diverge?)")
 
 
-def needs_exact_cpu_dequantize(data: torch.Tensor, state) -> bool:
-    """True where bitsandbytes 0.50's CPU 4-bit kernel reads the wrong block scales.
+# ---------------------------------------------------------------- the frozen bases
+class DenseBase(nn.Linear):
+    """The frozen weight as it is (LoRA): the given layer's own parameters, shared, not copied."""
 
-    Measured on bitsandbytes 0.50.2: its CPU kernel looks up the block scales per row, while the
-    quantizer lays blocks out over the flattened weight; the two agree only when a row (in_features
-    values) is a whole number of blocks.
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> "DenseBase":
+        base = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        base.weight, base.bias = linear.weight, linear.bias
+        return base
+
+    @property
+    def source_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.detach()
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, **({"bias": self.bias} if self.bias is not None else {})}
+
+    def settings(self) -> dict:
+        return {}
+
+
+class Base4bit(bnb.nn.Linear4bit):
+    """A frozen 4-bit weight (NF4 or FP4): bitsandbytes' storage, the book's 4-bit matmul.
+
+    The weight is a ``bnb.nn.Params4bit`` holding the packed bytes and bitsandbytes' ``QuantState``
+    (so that the state dict, ``model.to(...)`` and FSDP work as for any ``Linear4bit``); ``state()``
+    reads that state as the package's ``State4bit``. The forward is what ``Linear4bit`` computes
+    (input and bias in the compute dtype, the output back in the input's dtype), through
+    ``matmul4bit.MatMul4bit``.
     """
-    return data.device.type == "cpu" and state.shape[-1] % state.blocksize != 0
+
+    @classmethod
+    def quantize(cls, linear: nn.Linear, compute_dtype: torch.dtype, double_quant: bool, quant_type: str,
+                 blocksize: int, where: str) -> "Base4bit":
+        """``linear``'s weight quantized now (unless it is on ``meta``), its bias copied."""
+        weight = linear.weight
+        base = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                   compress_statistics=double_quant, quant_type=quant_type, device="meta")
+        base.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, blocksize=blocksize,
+                                        compress_statistics=double_quant, quant_type=quant_type, module=base)
+        if linear.bias is not None:
+            base.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        # bitsandbytes quantizes a Params4bit the first time it is moved to a (non-meta) device,
+        # and only then; moving it to the device it is already on is how we ask for it now.
+        if weight.device.type != "meta":
+            base.to(weight.device)
+            state = base.weight.quant_state
+            if state.nested and not torch.isfinite(state.offset).all():
+                # bitsandbytes stores an infinite offset here, and every weight dequantizes to NaN.
+                raise ValueError(
+                    f"{where}: double quantization overflows float32 for this weight (largest magnitude "
+                    f"{weight.detach().abs().max().item():.3g}): the mean of its block scales is not finite. "
+                    "Use double_quant=False for it, or scale the weights down")
+        # On CPUs with AVX512-BF16, bitsandbytes repacks the weight into a CPU-only layout in eval mode
+        # and rounds the block scales to bfloat16; we keep its standard layout in every mode.
+        base.support_avx512bf16_for_cpu = False
+        return base
+
+    @property
+    def is_quantized(self) -> bool:
+        """False on the ``meta`` device, where nothing has been quantized yet."""
+        return bool(getattr(self.weight, "bnb_quantized", False))
+
+    @property
+    def source_dtype(self) -> torch.dtype:
+        """The dtype of the weight before it was quantized (what dequantizing and merging return to)."""
+        return self.weight.quant_state.dtype if self.is_quantized else self.weight.dtype
+
+    def state(self) -> State4bit:
+        """The quantization state (block scales, code, double quantization) as the package's ``State4bit``."""
+        return State4bit.from_bnb(self.weight.quant_state)
+
+    def packed(self) -> torch.Tensor:
+        """The packed bytes, as uint8 (FSDP may store them as another dtype: ``fsdp.set_quant_storage``)."""
+        data = self.weight.data
+        return data if data.dtype == torch.uint8 else data.view(torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(compute)
+        return matmul_4bit(x.to(compute), self.packed(), self.state(), bias).to(x.dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) weight the forward multiplies with, in the dtype it was quantized from."""
+        if not self.is_quantized:  # on meta: nothing was quantized yet
+            return self.weight.detach()
+        return dequantize(self.packed(), self.state())
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.is_quantized:
+            return {"weight": self.weight, **({"bias": self.bias} if self.bias is not None else {})}
+        tensors = {"packed": self.weight.data, **self.state().tensors()}
+        return {**tensors, **({"bias": self.bias} if self.bias is not None else {})}
+
+    def settings(self) -> dict:
+        w = self.weight
+        return {"quant_type": w.quant_type, "blocksize": w.blocksize, "double_quant": bool(w.compress_statistics),
+                "compute_dtype": self.compute_dtype}
+
+    # bitsandbytes writes a 4-bit weight into the state dict as the packed bytes ("weight") plus its
+    # quantization state ("weight.absmax", ".quant_map", ".quant_state.bitsandbytes__nf4", and with
+    # double quantization ".nested_absmax", ".nested_quant_map"), but torch's loader does not know the
+    # extra keys: strict loading fails, and non-strict loading copies the bytes but keeps the old block
+    # scales. This hook loads the state with the bytes, so state_dict() -> load_state_dict() into a
+    # freshly quantized model is bit-exact.
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        stats_prefix = prefix + "weight."
+        stats = {k[len(stats_prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(stats_prefix)}
+        packed = state_dict.get(prefix + "weight")
+        where = prefix[:-1].removesuffix(".quant_nn") or "the 4-bit base"  # errors name the Qlora_4_bit layer
+        if stats and packed is not None:
+            try:
+                self._load_4bit(packed, stats)
+            except ValueError as e:
+                error_msgs.append(f"{where}: {e}")
+        elif packed is not None and packed.dtype == torch.uint8 and self.is_quantized:
+            error_msgs.append(f"{where}: the state dict holds the packed 4-bit weight but not its quantization "
+                              "state (absmax, quant_map, quant_state); save with model.state_dict() of a quantized "
+                              "model, which includes them")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _load_4bit(self, packed: torch.Tensor, stats: dict) -> None:
+        """Replace the 4-bit weight by ``packed`` with the quantization state in ``stats`` (checked first)."""
+        try:
+            state = bnbF.QuantState.from_dict(dict(stats), device="cpu")
+        except (ValueError, KeyError, AssertionError) as e:
+            raise ValueError(f"its 4-bit quantization state cannot be read ({e})") from None
+        have = (self.weight.quant_type, self.weight.blocksize, bool(self.weight.compress_statistics))
+        want = (state.quant_type, state.blocksize, state.nested)
+        if have != want:
+            raise ValueError(f"the saved weight has (quant_type, blocksize, double_quant)={want}, the layer "
+                             f"{have}; wrap the model with the saved settings before loading")
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"the saved weight is {tuple(state.shape)}, the layer's "
+                             f"{(self.out_features, self.in_features)}")
+        if packed.dtype != torch.uint8 or packed.numel() * 2 < state.shape.numel():
+            raise ValueError(f"the packed weight is {packed.dtype} {tuple(packed.shape)}, which does not hold "
+                             f"{state.shape.numel()} 4-bit values")
+        device = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
+        self.weight = bnb.nn.Params4bit.from_prequantized(packed.detach().clone(), dict(stats), requires_grad=False,
+                                                          device=device, module=self)
 
 
-def dequantize_base(data: torch.Tensor, state) -> torch.Tensor:
-    """The dense weight of a bitsandbytes 4-bit tensor, exact on every device.
+class Base8bit(bnb.nn.Linear8bitLt):
+    """A frozen 8-bit weight (LLM.int8, Dettmers et al. 2022): bitsandbytes' ``Linear8bitLt``.
 
-    Where bitsandbytes' CPU kernel is wrong (see ``needs_exact_cpu_dequantize``) the package's own
-    dequantizer, bit-exact with bitsandbytes' flat block layout, does the work instead.
+    Each weight row is rounded to float16 and stored as int8 codes, code = round(w * 127 / absmax of
+    its row), with the row's absmax in float32. The forward (bitsandbytes') quantizes the input
+    row-wise too, except the feature columns holding an outlier above ``threshold`` (6.0), which it
+    multiplies in 16 bits: the "mixed-precision decomposition".
     """
-    if getattr(state, "packing_format_for_cpu", False):
-        # Qlora_4_bit turns bitsandbytes' CPU repacking off (see _make_4bit); a weight repacked
-        # elsewhere has another byte layout, which this function does not guess at.
-        raise ValueError("this 4-bit weight was repacked by bitsandbytes' CPU eval path (packing_format_for_cpu); "
-                         "dequantize it with bitsandbytes.functional.dequantize_4bit instead")
-    if needs_exact_cpu_dequantize(data, state):
-        return dequantize_nf4(data, State4bit.from_bnb(state))
-    return bnbF.dequantize_4bit(data, state)
+
+    @classmethod
+    def quantize(cls, linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> "Base8bit":
+        """``linear``'s weight as int8 rows, quantized now (unless on ``meta``); only the codes and the
+        row scales are kept (``has_fp16_weights=False``: one byte per weight)."""
+        weight = linear.weight
+        base = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False,
+                   threshold=threshold, device="meta")
+        base.weight = bnb.nn.Int8Params(weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
+        if linear.bias is not None:
+            base.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        if weight.device.type != "meta":
+            base.to(weight.device)  # bitsandbytes quantizes an Int8Params when it is moved to a device
+        base.source_dtype = weight.dtype  # the int8 codes do not remember it
+        return base
+
+    def row_scales(self) -> torch.Tensor:
+        """The float32 scale of each weight row (its absmax): kept on the weight until the first
+        forward, then on the layer's matmul state."""
+        scales = getattr(self.weight, "SCB", None)
+        if scales is None:
+            scales = self.state.SCB
+        if scales is None:
+            raise ValueError("this 8-bit base holds no row scales (SCB): it was never quantized")
+        return scales
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense (out, in) weight the codes stand for, codes * absmax / 127 row by row, in the
+        dtype the weight had before."""
+        return (self.weight.data.float() * (self.row_scales().float() / 127).unsqueeze(1)).to(self.source_dtype)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"weight": self.weight}
+        if self.weight.dtype == torch.int8:
+            tensors["row_scales"] = self.row_scales()
+        return {**tensors, **({"bias": self.bias} if self.bias is not None else {})}
+
+    def settings(self) -> dict:
+        return {"quant_type": "int8"}
 
 
+FROZEN_BASES = (DenseBase, Base4bit, Base8bit)
+
+
+def make_base(linear: nn.Linear, use_qlora: bool, quant_type: str, blocksize: int, double_quant: bool,
+              compute_dtype, where: str) -> nn.Module:
+    """The frozen base for ``linear``, picked once from the settings (already checked)."""
+    if not use_qlora:
+        return DenseBase.wrap(linear)
+    if quant_type == "int8":
+        return Base8bit.quantize(linear)
+    return Base4bit.quantize(linear, compute_dtype or default_compute_dtype(linear.weight.device), double_quant,
+                             quant_type, blocksize, where)
+
+
+# ---------------------------------------------------------------- the layer
 class Qlora_4_bit(nn.Module):
     """A frozen base linear layer (4-bit or not) plus the LoRA matrices ``W_a`` and ``W_b``.
 
@@ -157,7 +355,9 @@ class Qlora_4_bit(nn.Module):
     Attributes kept from the original README: ``quant_nn`` (the base layer), ``W_a`` (in x r), ``W_b``
     (r x out), ``scale`` (alpha / r, or alpha / sqrt(r) with ``rslora=True``), ``require_lora``,
     ``use_qlora``. ``name`` (optional; ``quantize_model`` passes the qualified name, e.g.
-    "model.layers.3.mlp.down_proj") is what error messages call the layer.
+    "model.layers.3.mlp.down_proj") is what error messages call the layer. ``double_quant`` (default
+    True, as the QLoRA paper) stores the block scales in 8 bits; ``compress_statistics`` is accepted
+    as bitsandbytes' name for it.
 
     Everything is checked before anything is built: sizes, rank and alpha, quant type, blocksize,
     the weight's dtype and values. The forward checks its input (floating point, last dimension
@@ -166,7 +366,7 @@ class Qlora_4_bit(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, alpha: float, r: int,
                  require_lora: bool = True, use_qlora: bool = True, *, bias: bool = True,
-                 rslora: bool = False, compress_statistics: bool = True,
+                 rslora: bool = False, double_quant: bool = True, compress_statistics: bool | None = None,
                  compute_dtype: torch.dtype | None = None, quant_type: str = "nf4",
                  blocksize: int = 64, use_dora: bool = False, device=None, dtype: torch.dtype | None = None,
                  linear: nn.Linear | None = None, name: str | None = None):
@@ -175,7 +375,8 @@ class Qlora_4_bit(nn.Module):
         check_features(in_features, out_features, where)
         check_rank_alpha(r, alpha)
         check_quant_settings(quant_type, blocksize, where)
-        check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, where)
+        check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, where, bool(use_qlora))
+        double_quant = resolve_double_quant(double_quant, compress_statistics, where)
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"{where}: dtype must be a floating-point dtype, got {dtype}")
         if linear is None:
@@ -193,16 +394,7 @@ class Qlora_4_bit(nn.Module):
         self.require_lora, self.use_qlora = bool(require_lora), bool(use_qlora)
         self.use_dora = bool(use_dora)
         self.scale = lora_scale(alpha, r, rslora)
-        self.source_dtype = weight.dtype  # what merging returns to (an 8-bit base does not remember it)
-
-        if self.use_qlora and quant_type == "int8":
-            self.quant_nn = make_int8_base(linear)
-        elif self.use_qlora:
-            self.quant_nn = self._make_4bit(linear, compute_dtype or default_compute_dtype(weight.device),
-                                            compress_statistics, quant_type, blocksize, where)
-        else:
-            # LoRA mode: the base *is* the given layer (no copy, its own dtype), frozen.
-            self.quant_nn = linear
+        self.quant_nn = make_base(linear, self.use_qlora, quant_type, blocksize, double_quant, compute_dtype, where)
         self.freeze_base()
 
         if self.require_lora:
@@ -217,7 +409,7 @@ class Qlora_4_bit(nn.Module):
         self.magnitude = None
         if self.use_dora:
             start = (torch.empty(out_features, device=weight.device) if weight.device.type == "meta"
-                     else dora_magnitude(self.base_weight()))
+                     else lora.dora_magnitude(self.base_weight()))
             self.magnitude = nn.Parameter(start.to(torch.float32))
 
     @classmethod
@@ -228,88 +420,11 @@ class Qlora_4_bit(nn.Module):
         return cls(linear.in_features, linear.out_features, alpha, r, require_lora, use_qlora,
                    bias=linear.bias is not None, linear=linear, **kwargs)
 
-    @staticmethod
-    def _make_4bit(linear: nn.Linear, compute_dtype, compress_statistics, quant_type, blocksize, where):
-        """A ``bnb.nn.Linear4bit`` holding ``linear``'s weight, quantized now (unless on ``meta``)."""
-        weight = linear.weight
-        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=compress_statistics,
-                              quant_type=quant_type, device="meta")
-        q.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, blocksize=blocksize,
-                                     compress_statistics=compress_statistics, quant_type=quant_type,
-                                     module=q)
-        if linear.bias is not None:
-            q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        # bitsandbytes quantizes a Params4bit the first time it is moved to a (non-meta) device,
-        # and only then; moving it to the device it is already on is how we ask for it now.
-        if weight.device.type != "meta":
-            q.to(weight.device)
-            state = q.weight.quant_state
-            if state.nested and not torch.isfinite(state.offset).all():
-                # bitsandbytes stores an infinite offset here, and every weight dequantizes to NaN.
-                raise ValueError(
-                    f"{where}: double quantization overflows float32 for this weight (largest magnitude "
-                    f"{weight.detach().abs().max().item():.3g}): the mean of its block scales is not finite. "
-                    "Use compress_statistics=False for it, or scale the weights down")
-        # On CPUs with AVX512-BF16, Linear4bit's eval-mode forward repacks the weight into a
-        # CPU-only layout and rounds the block scales to bfloat16, so the same layer would give
-        # different outputs in train and eval mode. We keep bitsandbytes' standard layout instead.
-        q.support_avx512bf16_for_cpu = False
-        return q
-
-    # ------------------------------------------------------------------ state
     def freeze_base(self) -> None:
-        """Freeze the base layer (weight and bias): only ``W_a`` and ``W_b`` ever train."""
-        for p in self.quant_nn.parameters():
-            p.requires_grad_(False)
+        """Freeze the base layer (weight and bias): only ``W_a`` and ``W_b`` (and DoRA's magnitude) ever train."""
+        self.quant_nn.requires_grad_(False)
 
-    # ------------------------------------------------------------------ state dict
-    # bitsandbytes writes a 4-bit weight into the state dict as the packed bytes ("quant_nn.weight")
-    # plus its quantization state ("quant_nn.weight.absmax", ".quant_map", ".quant_state.bitsandbytes__nf4",
-    # and with double quantization ".nested_absmax", ".nested_quant_map"), but torch's loader does not
-    # know the extra keys: strict loading fails, and non-strict loading copies the bytes but keeps the
-    # old block scales. This hook loads the state with the bytes, so state_dict() -> load_state_dict()
-    # into a freshly quantized model is bit-exact.
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        if self.use_qlora:
-            stats_prefix = prefix + "quant_nn.weight."
-            stats = {k[len(stats_prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(stats_prefix)}
-            packed = state_dict.get(prefix + "quant_nn.weight")
-            if stats and packed is not None:
-                try:
-                    self._load_4bit(packed, stats)
-                except ValueError as e:
-                    error_msgs.append(f"{prefix[:-1] or self._where()}: {e}")
-            elif packed is not None and packed.dtype == torch.uint8 and self.is_quantized:
-                error_msgs.append(f"{prefix[:-1] or self._where()}: the state dict holds the packed 4-bit weight "
-                                  "but not its quantization state (absmax, quant_map, quant_state); save with "
-                                  "model.state_dict() of a quantized model, which includes them")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def _load_4bit(self, packed: torch.Tensor, stats: dict) -> None:
-        """Replace the 4-bit weight by ``packed`` with the quantization state in ``stats`` (checked first)."""
-        try:
-            state = bnbF.QuantState.from_dict(dict(stats), device="cpu")
-        except (ValueError, KeyError, AssertionError) as e:
-            raise ValueError(f"its 4-bit quantization state cannot be read ({e})") from None
-        current = self.quant_nn.weight
-        have = (current.quant_type, current.blocksize, bool(current.compress_statistics))
-        want = (state.quant_type, state.blocksize, state.nested)
-        if have != want:
-            raise ValueError(f"the saved weight has (quant_type, blocksize, compress_statistics)={want}, the layer "
-                             f"{have}; wrap the model with the saved settings before loading")
-        if tuple(state.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"the saved weight is {tuple(state.shape)}, the layer's "
-                             f"{(self.out_features, self.in_features)}")
-        if packed.dtype != torch.uint8 or packed.numel() * 2 < state.shape.numel():
-            raise ValueError(f"the packed weight is {packed.dtype} {tuple(packed.shape)}, which does not hold "
-                             f"{state.shape.numel()} 4-bit values")
-        device = current.device if current.device.type != "meta" else torch.device("cpu")
-        self.quant_nn.weight = bnb.nn.Params4bit.from_prequantized(
-            packed.detach().clone(), dict(stats), requires_grad=False, device=device, module=self.quant_nn)
-
+    # ------------------------------------------------------------------ what the layer is
     @property
     def weight(self):
         """The base layer's weight parameter (packed uint8 in 4-bit mode), for code that reads ``.weight``."""
@@ -322,11 +437,17 @@ class Qlora_4_bit(nn.Module):
     @property
     def is_int8(self) -> bool:
         """True for an 8-bit (LLM.int8) base."""
-        return is_int8_base(self.quant_nn)
+        return isinstance(self.quant_nn, Base8bit)
 
     @property
     def is_quantized(self) -> bool:
-        return isinstance(self.quant_nn, bnb.nn.Linear4bit) and bool(getattr(self.quant_nn.weight, "bnb_quantized", False))
+        """True for a 4-bit base whose weight has been quantized (not on ``meta``)."""
+        return isinstance(self.quant_nn, Base4bit) and self.quant_nn.is_quantized
+
+    def settings(self) -> dict:
+        """What ``quantize_model`` needs to build this layer again: the LoRA settings and the base's."""
+        return dict(alpha=self.alpha, r=self.r, require_lora=self.require_lora, use_qlora=self.use_qlora,
+                    rslora=self.rslora, use_dora=self.use_dora, **self.quant_nn.settings())
 
     # ------------------------------------------------------------------ forward
     def _where(self) -> str:
@@ -346,46 +467,21 @@ class Qlora_4_bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if self.use_qlora and self.is_quantized and needs_exact_cpu_dequantize(x, self.quant_nn.weight.quant_state):
-            out = self._exact_4bit_forward(x)
-        else:
-            out = base_forward(self.quant_nn, x)
+        out = self.quant_nn(x)
         if self.use_dora:
-            return self._dora_forward(x, out)
+            factor = lora.dora_factor(self.magnitude, self.base_weight().to(x.dtype), self.W_a, self.W_b, self.scale)
+            lora_out = lora_forward(x, self.W_a, self.W_b, self.scale)
+            return lora.dora_output(out, self.quant_nn.bias, lora_out, factor).to(out.dtype)
         if self.require_lora:
             out = out + lora_forward(x, self.W_a, self.W_b, self.scale)
         return out
 
-    def _dora_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """DoRA: the base output and the LoRA branch, both rescaled row by row by m / ||W0 + s dW||."""
-        factor = dora_factor(self.magnitude, self.base_weight().to(x.dtype), self.W_a, self.W_b, self.scale)
-        out = dora_output(base_out, self.quant_nn.bias, lora_forward(x, self.W_a, self.W_b, self.scale), factor)
-        return out.to(base_out.dtype)
-
-    def _exact_4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """What Linear4bit computes (dequantize, then a dense matmul in the compute dtype), with an
-        exact dequantization where bitsandbytes' CPU kernel would read the wrong block scales."""
-        compute = self.quant_nn.compute_dtype or x.dtype
-        weight = self.base_weight().to(compute)
-        bias = self.quant_nn.bias
-        bias = None if bias is None else bias.to(compute)
-        return torch.nn.functional.linear(x.to(compute), weight, bias).to(x.dtype)
-
     # ------------------------------------------------------------------ dense views (for merging)
     def base_weight(self) -> torch.Tensor:
-        """The base's dense (out, in) weight: dequantized in 4-bit mode, else the weight itself.
-
-        In 4-bit mode this is exactly the matrix the forward multiplies with (up to compute dtype),
-        returned in the dtype the original weight had.
-        """
-        if not self.use_qlora:
-            return self.quant_nn.weight.detach()
-        if self.is_int8:
-            return int8_weight(self.quant_nn).to(self.source_dtype)
-        w = self.quant_nn.weight
-        if not getattr(w, "bnb_quantized", False):  # on meta: nothing was quantized yet
-            return w.detach()
-        return dequantize_base(w.data, w.quant_state)
+        """The base's dense (out, in) weight: dequantized in 4-bit and 8-bit mode, else the weight itself,
+        in the dtype the original weight had. In 4-bit mode this is exactly the matrix the forward
+        multiplies with (up to compute dtype)."""
+        return self.quant_nn.dense_weight()
 
     def delta_weight(self) -> torch.Tensor:
         """The LoRA update to the (out, in) weight, s * (W_a @ W_b)^T, in float32 (zeros without LoRA).
@@ -403,7 +499,7 @@ class Qlora_4_bit(nn.Module):
         if not self.require_lora:
             return self.base_weight().float()
         if self.use_dora:
-            return dora_merged_weight(self.base_weight(), self.W_a, self.W_b, self.scale, self.magnitude)
+            return lora.dora_merged_weight(self.base_weight(), self.W_a, self.W_b, self.scale, self.magnitude)
         return lora.merge_weight(self.base_weight().float(), self.W_a.detach(), self.W_b.detach(), self.scale)
 
     def extra_repr(self) -> str:

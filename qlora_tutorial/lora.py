@@ -13,6 +13,8 @@ What is here:
 * the scale s: ``lora_scale`` (alpha / r, or rsLoRA's alpha / sqrt(r)) and ``check_rank_alpha``;
 * the start: ``init_lora_`` (A Kaiming-uniform with fan_in = in_features, B = 0), ``kaiming_bound``;
 * the update: ``delta_weight``, ``lora_forward``, ``merge_weight`` / ``unmerge_weight``;
+* DoRA's form of the update (a direction and a length per output row): ``dora_magnitude``,
+  ``dora_factor``, ``dora_output``, ``dora_merged_weight``;
 * how much of a given update a rank r can hold: ``rank_energy``, ``low_rank_factors``;
 * counting: ``lora_param_count`` for one layer, ``lora_targets`` / ``count_lora_params`` for a whole
   model (meta-device models work: only ``in_features`` / ``out_features`` are read), and the
@@ -130,6 +132,51 @@ def unmerge_weight(W: torch.Tensor, W_a: torch.Tensor, W_b: torch.Tensor, scale:
     """Undo ``merge_weight``: W - s * (W_a @ W_b)^T (exact up to the rounding of W's dtype)."""
     _check_weight(W, W_a, W_b)
     return (W.float() - delta_weight(W_a.float(), W_b.float(), scale)).to(W.dtype)
+
+
+# ---------------------------------------------------------------- DoRA: the update as a direction and a length
+# DoRA (Liu et al. 2024) splits the adapted weight into a direction and a length per output row,
+#
+#     W' = m * (W0 + s * dW) / ||W0 + s * dW||_row,      dW = (W_a @ W_b)^T,
+#
+# and trains the length m (one number per output feature, initialised to ||W0||_row) beside W_a and
+# W_b. As the paper suggests (section 4.3) and PEFT does, the norm is treated as a constant in
+# backward, so no gradient flows through it.
+def dora_magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """DoRA's initial magnitude: the L2 norm of each output row of the (out, in) weight, float32."""
+    return torch.linalg.norm(weight.float(), dim=1)
+
+
+def dora_factor(magnitude: torch.Tensor, base_weight: torch.Tensor, W_a: torch.Tensor, W_b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """m / ||W0 + s * dW||_row, one number per output feature; the norm is detached (no gradient).
+
+    Computed in the base weight's dtype, as PEFT does (its ``DoraLinearLayer`` casts both weights
+    to the input's dtype first).
+    """
+    with torch.no_grad():
+        update = delta_weight(W_a.detach().to(base_weight.dtype), W_b.detach().to(base_weight.dtype), scale)
+        norm = torch.linalg.norm(base_weight + update, dim=1)
+    return magnitude / norm
+
+
+def dora_output(base_out: torch.Tensor, bias: torch.Tensor | None, lora_out: torch.Tensor,
+                factor: torch.Tensor) -> torch.Tensor:
+    """DoRA's layer output from the plain base output (bias included) and the LoRA branch's s * x A B:
+
+        factor * (W0 x + s * x A B) + bias  =  base_out + (factor - 1) * (base_out - bias) + factor * lora_out
+
+    (the second form reuses the base's output instead of a second matmul with W0, as PEFT does).
+    """
+    without_bias = base_out if bias is None else base_out - bias.to(base_out.dtype)
+    return base_out + (factor - 1) * without_bias + factor * lora_out
+
+
+def dora_merged_weight(base_weight: torch.Tensor, W_a: torch.Tensor, W_b: torch.Tensor, scale: float,
+                       magnitude: torch.Tensor) -> torch.Tensor:
+    """The (out, in) weight a DoRA layer computes with, in float32: m * (W0 + s dW) / ||W0 + s dW||_row."""
+    W = base_weight.float() + delta_weight(W_a.detach().float(), W_b.detach().float(), scale)
+    return (magnitude.detach().float() / torch.linalg.norm(W, dim=1)).unsqueeze(1) * W
 
 
 # ---------------------------------------------------------------- how much a rank r can hold

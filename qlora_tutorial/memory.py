@@ -31,7 +31,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from .nf4 import BLOCKSIZE2, State4bit
+from .nf4 import BLOCKSIZE2, as_state
 
 GIB = 2 ** 30
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq
@@ -109,16 +109,27 @@ def model_weight_bytes(model: nn.Module, blocksize: int = 64, double_quant: bool
 
 
 def bnb_nbytes(packed: torch.Tensor, state) -> dict:
-    """Bytes of every tensor of a 4-bit quantization: ``packed`` and its state, a bitsandbytes
-    ``QuantState`` or our ``nf4.State4bit`` (the same tensors)."""
-    if isinstance(state, State4bit):
-        state = state.to_bnb()
-    out = {"packed": tensor_bytes(packed), "absmax": tensor_bytes(state.absmax), "code": tensor_bytes(state.code)}
-    if state.state2 is not None:
-        out.update(absmax2=tensor_bytes(state.state2.absmax), offset=tensor_bytes(state.offset),
-                   code2=tensor_bytes(state.state2.code))
+    """Bytes of every tensor of a 4-bit quantization: ``packed`` and its state (our ``nf4.State4bit``
+    or bitsandbytes' ``QuantState``): absmax and code, and with double quantization absmax2, offset
+    and code2."""
+    out = {"packed": tensor_bytes(packed)}
+    out.update({name: tensor_bytes(t) for name, t in as_state(state).tensors().items()})
     out["total"] = sum(out.values())
     return out
+
+
+def state_bytes(state) -> int:
+    """Bytes of a 4-bit quantization state alone (what every rank keeps whole when FSDP shards the bytes)."""
+    return sum(tensor_bytes(t) for t in as_state(state).tensors().values())
+
+
+def dequantization_bytes(packed: torch.Tensor, state, dtype: torch.dtype) -> int:
+    """Bytes one dequantization moves through memory: it reads the packed bytes and the block scales
+    (with double quantization the 8-bit codes and their float32 absmax2) and writes the weight in
+    ``dtype``. The code tables are a few hundred bytes that stay in the cache: not counted."""
+    sizes = bnb_nbytes(packed, state)
+    return (sizes["packed"] + sizes["absmax"] + sizes.get("absmax2", 0)
+            + as_state(state).shape.numel() * torch.empty((), dtype=dtype).element_size())
 
 
 # ---------------------------------------------------------------- a model's memory

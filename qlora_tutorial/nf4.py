@@ -314,8 +314,8 @@ def double_quantize(absmax: torch.Tensor, blocksize2: int = BLOCKSIZE2, lut: boo
         # bitsandbytes then stores an infinite offset and dequantizes every weight to NaN.
         raise ValueError(f"double quantization overflows: the mean of the block absmax constants (the largest is "
                          f"{absmax.max().item():.3g}) is not finite in float32, so the weights would come back "
-                         "as NaN. Quantize these weights without double quantization (double_quant=False, "
-                         "compress_statistics=False), or scale them down first")
+                         "as NaN. Quantize these weights without double quantization (double_quant=False), "
+                         "or scale them down first")
     codes, absmax2 = quantize_8bit(absmax - offset, blocksize2, lut=lut)
     return codes, offset, absmax2
 
@@ -354,6 +354,11 @@ class State4bit:
     def double_quant(self) -> bool:
         return self.absmax2 is not None
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state's tensors by name (what it stores beside the packed bytes)."""
+        names = ("absmax", "code") + (("absmax2", "offset", "code2") if self.double_quant else ())
+        return {name: getattr(self, name) for name in names}
+
     def block_absmax(self) -> torch.Tensor:
         """The float32 absmax of every block (decoded first when double-quantized)."""
         if self.double_quant:
@@ -373,12 +378,22 @@ class State4bit:
     @classmethod
     def from_bnb(cls, state) -> "State4bit":
         """Ours from a bitsandbytes ``QuantState`` (tensors shared, not copied)."""
-        nested = state.state2 is not None
+        double_quant = state.state2 is not None  # bitsandbytes calls it ``nested``
         return cls(absmax=state.absmax, shape=torch.Size(state.shape), dtype=state.dtype, blocksize=state.blocksize,
-                   quant_type=state.quant_type, code=state.code, offset=state.offset if nested else None,
-                   absmax2=state.state2.absmax if nested else None, code2=state.state2.code if nested else None,
-                   blocksize2=state.state2.blocksize if nested else BLOCKSIZE2)
+                   quant_type=state.quant_type, code=state.code, offset=state.offset if double_quant else None,
+                   absmax2=state.state2.absmax if double_quant else None,
+                   code2=state.state2.code if double_quant else None,
+                   blocksize2=state.state2.blocksize if double_quant else BLOCKSIZE2)
 
+
+def as_state(quant_state) -> State4bit:
+    """Ours from either a ``State4bit`` or a bitsandbytes ``QuantState`` (tensors shared, not copied)."""
+    if isinstance(quant_state, State4bit):
+        return quant_state
+    if quant_state is None or not hasattr(quant_state, "absmax"):
+        raise TypeError("quant_state must be a qlora_tutorial.nf4.State4bit or a bitsandbytes QuantState "
+                        f"(e.g. layer.weight.quant_state), got {type(quant_state).__name__}")
+    return State4bit.from_bnb(quant_state)
 
 def _quantize(weight, quant_type: str, blocksize: int, double_quant: bool) -> tuple[torch.Tensor, State4bit]:
     check_weight(weight)
@@ -399,22 +414,28 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     return _quantize(weight, "nf4", blocksize, double_quant)
 
 
-def dequantize_nf4(packed: torch.Tensor, state: State4bit) -> torch.Tensor:
-    """The weight back from ``quantize_nf4``: input's dtype and shape."""
-    return dequantize_4bit(packed, state.block_absmax(), state.code, state.blocksize, state.shape, state.dtype)
+def dequantize_nf4(packed: torch.Tensor, state: State4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight back from ``quantize_nf4`` (or from any 4-bit ``State4bit``: its code says which):
+    the input's shape, in ``dtype`` (default: the input's dtype).
+
+    The book's readable dequantization, and one of the backends of the 4-bit matmul
+    (``matmul4bit.pick_backend``).
+    """
+    return dequantize_4bit(packed, state.block_absmax(), state.code, state.blocksize, state.shape,
+                           dtype or state.dtype)
 
 
-def fake_quantize(weight: torch.Tensor, kind: str = "nf4", blocksize: int = 64, double_quant: bool = False
+def fake_quantize(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False
                   ) -> torch.Tensor:
     """The quantize -> dequantize round trip of ``weight`` (same shape and dtype).
 
-    ``kind`` is "nf4", "fp4" (bitsandbytes' FP4) or "int4" (symmetric absmax, k/7 for k = -7..7);
-    all three use blockwise absmax with ``blocksize`` and, optionally, double quantization.
+    ``quant_type`` is "nf4", "fp4" (bitsandbytes' FP4) or "int4" (symmetric absmax, k/7 for
+    k = -7..7); all three use blockwise absmax with ``blocksize`` and, optionally, double quantization.
     """
-    if kind not in CODES:
-        raise ValueError(f"kind must be one of {sorted(CODES)}, got {kind!r}")
+    if quant_type not in CODES:
+        raise ValueError(f"quant_type must be one of {sorted(CODES)}, got {quant_type!r}")
     check_weight(weight)
-    code = CODES[kind].to(weight.device)
+    code = CODES[quant_type].to(weight.device)
     packed, absmax = quantize_4bit(weight, code, blocksize)
     if double_quant:
         absmax = double_dequantize(*double_quantize(absmax))

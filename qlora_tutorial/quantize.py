@@ -18,7 +18,7 @@ import bitsandbytes as bnb
 from torch import nn
 
 from .layer import (QUANTIZED_LINEAR_TYPES, Qlora_4_bit, check_features, check_quant_settings, check_variant_settings,
-                    check_weight_to_wrap)
+                    check_weight_to_wrap, resolve_double_quant)
 from .lora import check_rank_alpha, resolve_target_names, target_matches
 
 
@@ -121,9 +121,9 @@ def guard_save_pretrained(module: nn.Module) -> None:
 
 # ---------------------------------------------------------------- the original README's function
 def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_lora: bool = True,
-                   use_qlora: bool = True, *, rslora: bool = False, compress_statistics: bool = True,
-                   compute_dtype=None, quant_type: str = "nf4", blocksize: int = 64,
-                   use_dora: bool = False, freeze: bool = True) -> nn.Module:
+                   use_qlora: bool = True, *, rslora: bool = False, double_quant: bool = True,
+                   compress_statistics: bool | None = None, compute_dtype=None, quant_type: str = "nf4",
+                   blocksize: int = 64, use_dora: bool = False, freeze: bool = True) -> nn.Module:
     """Replace the ``nn.Linear`` layers named in ``mlp_layers`` by ``Qlora_4_bit`` layers; return ``module``.
 
     * ``mlp_layers``: layer names ("gate_proj"), dotted tails ("self_attn.q_proj"), or a preset
@@ -134,17 +134,20 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
     * With ``freeze=True`` (default) every parameter except the LoRA matrices is frozen, embeddings
       and norms included.
     The other keywords go to ``Qlora_4_bit`` (``compute_dtype=None``: the device helper's dtype;
-    ``quant_type="int8"`` for an 8-bit LLM.int8 base; ``use_dora=True`` for DoRA).
+    ``double_quant=False`` keeps the block scales in float32, ``compress_statistics`` is bitsandbytes'
+    name for it; ``quant_type="int8"`` for an 8-bit LLM.int8 base; ``use_dora=True`` for DoRA).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     check_rank_alpha(r, alpha)
     check_quant_settings(quant_type, blocksize, "quantize_model")
-    check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, "quantize_model")
+    check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, "quantize_model",
+                           bool(use_qlora))
+    double_quant = resolve_double_quant(double_quant, compress_statistics, "quantize_model")
     targets = resolve_target_names(mlp_layers)
     _check_not_prequantized(module)
     settings = dict(alpha=alpha, r=r, require_lora=bool(require_lora), use_qlora=bool(use_qlora), rslora=rslora,
-                    quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics,
+                    quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                     compute_dtype=compute_dtype, use_dora=bool(use_dora))
 
     # Who shares a parameter with whom (tied embeddings: lm_head.weight is embed_tokens.weight).
@@ -183,7 +186,7 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
     # 2. Build every new layer, then 3. swap them in and freeze; undone as a whole if anything fails.
     with unchanged_on_error(module):
         built = [(parent, name, Qlora_4_bit.from_linear(
-            child, alpha, r, require_lora, use_qlora, rslora=rslora, compress_statistics=compress_statistics,
+            child, alpha, r, require_lora, use_qlora, rslora=rslora, double_quant=double_quant,
             compute_dtype=compute_dtype, quant_type=quant_type, blocksize=blocksize, use_dora=use_dora,
             name=qualified))
             for parent, name, qualified, child in to_wrap]
@@ -195,22 +198,9 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
     return module
 
 
-def layer_settings(layer: Qlora_4_bit) -> dict:
-    """The quantize_model settings a wrapped layer was built with (the 4-bit ones only in 4-bit mode)."""
-    out = dict(alpha=layer.alpha, r=layer.r, require_lora=layer.require_lora, use_qlora=layer.use_qlora,
-               rslora=layer.rslora, use_dora=layer.use_dora)
-    if layer.is_int8:
-        out.update(quant_type="int8")
-    elif layer.use_qlora:
-        w = layer.quant_nn.weight
-        out.update(quant_type=w.quant_type, blocksize=w.blocksize, compress_statistics=bool(w.compress_statistics),
-                   compute_dtype=layer.quant_nn.compute_dtype)
-    return out
-
-
 def _check_same_config(layer: Qlora_4_bit, qualified, settings: dict) -> None:
     """A second quantize_model call may not ask for other settings on a layer it wrapped before."""
-    have = layer_settings(layer)
+    have = layer.settings()
     want = {k: settings[k] for k in have}
     if want.get("compute_dtype") is None:  # None asks for no particular compute dtype
         want.pop("compute_dtype", None)

@@ -191,18 +191,13 @@ def _progress_callback():
     return StderrProgress()
 
 
-def make_trainer(model, args, train_dataset, pad_token_id: int, compile_blocks: bool = False,
-                 loraplus_ratio: float | None = None):
+def make_trainer(model, args, train_dataset, pad_token_id: int, optimizers=(None, None)):
     """A ``Trainer`` for ``model`` on a tokenised dataset, padded with ``PadCollator``.
 
-    ``compile_blocks=True`` first compiles the model's decoder blocks in place with
-    ``fast.compile_for_training`` (the GPU fast path: one compiled graph shared by all blocks, the
-    4-bit base through the package's own kernel); meant for a GPU, where it removes most of the
-    Python dispatch of a step.
-
-    ``loraplus_ratio`` (e.g. 16) trains with LoRA+: the optimizer ``args`` asks for (AdamW, or paged
-    AdamW on a GPU), with W_b at ``ratio`` times the learning rate of W_a
-    (``variants.loraplus_param_groups``).
+    ``optimizers`` goes to the ``Trainer`` as it is: ``(None, None)`` lets it build the optimizer
+    ``args`` asks for; LoRA+ passes ``variants.loraplus_optimizer(model, args)``. On a GPU, compile
+    the decoder blocks first (``fast.compile_for_training(model)``) to take most of the Python
+    dispatch out of each step.
 
     Its own progress display and log printer are replaced by one progress bar on stderr: the
     Trainer's ones print the log dicts (timings included) to stdout, or a table of them to a notebook.
@@ -215,21 +210,8 @@ def make_trainer(model, args, train_dataset, pad_token_id: int, compile_blocks: 
                          "(tokenize_texts or tokenize_prompt_answer), the Trainer cannot train on raw text")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no parameter of the model requires grad: wrap it with quantize_model(..., require_lora=True) first")
-    if compile_blocks:
-        from .fast import compile_for_training
-
-        compile_for_training(model)
-    extra = {}
-    if loraplus_ratio is not None:
-        from .variants import loraplus_param_groups
-
-        # The optimizer class and settings the Trainer would pick for args.optim, on LoRA+'s groups.
-        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-        kwargs.pop("lr", None)
-        groups = loraplus_param_groups(model, args.learning_rate, loraplus_ratio, args.weight_decay)
-        extra["optimizers"] = (cls(groups, lr=args.learning_rate, **kwargs), None)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=PadCollator(pad_token_id),
-                      **extra)
+                      optimizers=optimizers)
     for callback in list(trainer.callback_handler.callbacks):
         # ProgressCallback (console), NotebookProgressCallback (Jupyter), PrinterCallback (disable_tqdm)
         if isinstance(callback, (ProgressCallback, PrinterCallback)) or type(callback).__name__ == "NotebookProgressCallback":

@@ -12,31 +12,12 @@ from qlora_tutorial.layer import Qlora_4_bit
 from qlora_tutorial.quantize import wrapped_layers
 from qlora_tutorial.models import tiny_llama
 
-MLP = ["gate_proj", "up_proj", "down_proj"]
-IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7, 250, 3], [4, 4, 8, 15, 16, 23, 42, 0, 99, 200]])
-
-
-def trained(use_qlora=False, targets=MLP, r=4, alpha=8, rslora=False, seed=0):
-    """A tiny Llama with LoRA layers whose W_b is non-zero (as after training)."""
-    model = tiny_llama(seed=0)
-    quantize_model(model, targets, alpha=alpha, r=r, use_qlora=use_qlora, rslora=rslora)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in wrapped_layers(model):
-            layer = model.get_submodule(name)
-            layer.W_b.copy_(torch.randn(layer.W_b.shape, generator=g) * 0.05)
-    return model.eval()
-
-
-@torch.no_grad()
-def logits(model):
-    return model(input_ids=IDS).logits
-
+from .helpers import MLP, logits, trained
 
 # ---------------------------------------------------------------- save / load
 @pytest.mark.parametrize("use_qlora", [False, True])
 def test_save_load_round_trip_is_bit_exact(tmp_path, use_qlora):
-    model = trained(use_qlora)
+    model = trained(use_qlora=use_qlora)
     adapters.save_adapter(model, tmp_path / "a")
     fresh = adapters.load_adapter(tiny_llama(seed=0), tmp_path / "a")  # a plain model: wrapped as saved
     assert wrapped_layers(fresh) == wrapped_layers(model)
@@ -74,35 +55,35 @@ def test_load_into_other_mode(tmp_path):
 
 
 def test_load_rank_mismatch(tmp_path):
-    adapters.save_adapter(trained(r=4), tmp_path)
+    adapters.save_adapter(trained(use_qlora=False, r=4), tmp_path)
     other = quantize_model(tiny_llama(seed=0), MLP, alpha=8, r=2, use_qlora=False)
     with pytest.raises(ValueError, match="rank 4 .* r=2"):
         adapters.load_adapter(other, tmp_path)
 
 
 def test_load_scale_mismatch(tmp_path):
-    adapters.save_adapter(trained(r=4, alpha=8), tmp_path)
+    adapters.save_adapter(trained(use_qlora=False, r=4, alpha=8), tmp_path)
     other = quantize_model(tiny_llama(seed=0), MLP, alpha=16, r=4, use_qlora=False)
     with pytest.raises(ValueError, match="scale 4 but the adapter was trained with scale 2"):
         adapters.load_adapter(other, tmp_path)
 
 
 def test_load_missing_keys(tmp_path):
-    adapters.save_adapter(trained(targets=["gate_proj"]), tmp_path)
+    adapters.save_adapter(trained(use_qlora=False, targets=["gate_proj"]), tmp_path)
     other = quantize_model(tiny_llama(seed=0), MLP, alpha=8, r=4, use_qlora=False)
     with pytest.raises(ValueError, match="missing from the file: model.layers.0.mlp.down_proj.W_a"):
         adapters.load_adapter(other, tmp_path)
 
 
 def test_load_unexpected_keys(tmp_path):
-    adapters.save_adapter(trained(), tmp_path)
+    adapters.save_adapter(trained(use_qlora=False), tmp_path)
     other = quantize_model(tiny_llama(seed=0), ["up_proj"], alpha=8, r=4, use_qlora=False)
     with pytest.raises(ValueError, match="in the file but not in the model: model.layers.0.mlp.down_proj.W_a"):
         adapters.load_adapter(other, tmp_path)
 
 
 def test_load_leaves_nothing_unloaded_when_file_tampered(tmp_path):
-    model = trained()
+    model = trained(use_qlora=False)
     adapters.save_adapter(model, tmp_path)
     tensors = load_file(str(tmp_path / "adapter.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.W_b"]
@@ -112,7 +93,7 @@ def test_load_leaves_nothing_unloaded_when_file_tampered(tmp_path):
 
 
 def test_load_shape_and_value_checks(tmp_path):
-    model = trained()
+    model = trained(use_qlora=False)
     adapters.save_adapter(model, tmp_path)
     tensors = load_file(str(tmp_path / "adapter.safetensors"))
     bad = dict(tensors)
@@ -130,10 +111,10 @@ def test_load_shape_and_value_checks(tmp_path):
 def test_read_adapter_bad_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter.json is missing"):
         adapters.load_adapter(tiny_llama(seed=0), tmp_path)
-    adapters.export_peft(trained(), tmp_path / "peft")
+    adapters.export_peft(trained(use_qlora=False), tmp_path / "peft")
     with pytest.raises(FileNotFoundError, match="use import_peft"):
         adapters.load_adapter(tiny_llama(seed=0), tmp_path / "peft")
-    adapters.save_adapter(trained(), tmp_path / "ours")
+    adapters.save_adapter(trained(use_qlora=False), tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "adapter.json").read_text())
     (tmp_path / "ours" / "adapter.json").write_text(json.dumps({**config, "format_version": 99}))
     with pytest.raises(ValueError, match="version 99"):
@@ -159,7 +140,7 @@ def test_save_needs_one_setting(tmp_path):
 
 
 def test_base_model_id_is_never_a_path(tmp_path):
-    model = trained()
+    model = trained(use_qlora=False)
     model.config._name_or_path = str(tmp_path)
     (tmp_path / "PROVENANCE.json").write_text(json.dumps({"hub_id": "org/base"}))
     assert adapters.base_model_id(model) == "org/base"
@@ -170,7 +151,7 @@ def test_base_model_id_is_never_a_path(tmp_path):
 
 
 def test_load_warns_on_other_base(tmp_path):
-    model = trained()
+    model = trained(use_qlora=False)
     model.config._name_or_path = "org/base"
     adapters.save_adapter(model, tmp_path)
     other = tiny_llama(seed=0)
@@ -197,7 +178,7 @@ def test_export_peft_loads_in_peft_and_matches(tmp_path, rslora):
 
 
 def test_export_peft_partial_targets_use_full_names(tmp_path):
-    model = trained(targets=["layers.0.mlp.gate_proj"])
+    model = trained(use_qlora=False, targets=["layers.0.mlp.gate_proj"])
     adapters.export_peft(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == ["model.layers.0.mlp.gate_proj"]
@@ -252,7 +233,7 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, use_qlora):
     ("init_lora_weights", "pissa"), ("init_lora_weights", "loftq"), ("some_future_field", 3),
 ])
 def test_import_peft_refuses_what_it_cannot_honour(tmp_path, field, value):
-    adapters.export_peft(trained(), tmp_path)
+    adapters.export_peft(trained(use_qlora=False), tmp_path)
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
     with pytest.raises(ValueError, match=field):
@@ -274,7 +255,7 @@ def test_import_peft_reads_dora_made_by_peft(tmp_path):
 def test_import_peft_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
         adapters.import_peft(tiny_llama(seed=0), tmp_path)
-    adapters.export_peft(trained(), tmp_path)
+    adapters.export_peft(trained(use_qlora=False), tmp_path)
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     key_b = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
 
@@ -312,7 +293,7 @@ def test_import_peft_other_model(tmp_path):
 
 
 def test_import_peft_wrong_peft_type(tmp_path):
-    adapters.export_peft(trained(), tmp_path)
+    adapters.export_peft(trained(use_qlora=False), tmp_path)
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="only 'LORA'"):
@@ -379,6 +360,7 @@ def test_merge_errors_codes_changed():
     assert "codes_changed" not in adapters.merge_errors(trained(use_qlora=False))[0]
 
 
+@pytest.mark.slow
 def test_peft_interop_on_smollm2(tmp_path):
     """The real offline model: PEFT on the plain SmolLM2 reproduces our LoRA-mode logits of an exported adapter."""
     from qlora_tutorial.models import load_model

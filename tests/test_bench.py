@@ -11,11 +11,10 @@ import math
 import weakref
 from pathlib import Path
 
-import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
-from qlora_tutorial import bench, memory, nf4
+from qlora_tutorial import bench, memory
 from qlora_tutorial.lora import lora_param_count
 from qlora_tutorial.models import tiny_llama
 
@@ -83,6 +82,7 @@ def test_full_fine_tuning_trains_everything(folder):
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_measure_trains_and_frees(folder):
     model = bench.build("qlora", "ours", folder, CPU, torch.float32, r=4, alpha=8)
     before = [p.detach().clone() for p in memory.trainable_parameters(model)]
@@ -190,6 +190,7 @@ def test_compare_flags_what_misses_the_targets():
     assert by_mode["qlora"]["time_ratio"] == pytest.approx(1.07)
 
 
+@pytest.mark.slow
 def test_main_quick_writes_csv_and_json(tmp_path):
     out_csv, out_json = tmp_path / "b.csv", tmp_path / "k.json"
     code = bench.main(["--quick", "--device", "cpu", "--setups", "qlora/ours", "--shapes", "1x8",
@@ -348,6 +349,7 @@ def test_kernels_only_keeps_the_rest_of_the_file(tmp_path):
     assert result["kernels_provenance"]["command"].startswith("python -m qlora_tutorial.bench --kernels-only")
 
 
+@pytest.mark.slow
 def test_speed_run_on_cpu(tmp_path):
     out_csv, out_json = tmp_path / "b.csv", tmp_path / "s.json"
     bench.write_csv([row("full", "torch", 1.0, 1.0, batch=8)], out_csv)  # an earlier row, kept by the merge

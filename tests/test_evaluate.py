@@ -63,10 +63,10 @@ def test_bad_input(model, tokenizer):
 def test_fake_quantize_linears_changes_only_the_targets():
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    fake_quantize_linears(model, ["q_proj", "down_proj"], kind="int4")
+    fake_quantize_linears(model, ["q_proj", "down_proj"], quant_type="int4")
     for name, p in model.named_parameters():
         if name.endswith(("q_proj.weight", "down_proj.weight")):
-            assert torch.equal(p, fake_quantize(before[name], kind="int4"))
+            assert torch.equal(p, fake_quantize(before[name], quant_type="int4"))
             assert not torch.equal(p, before[name])
         else:
             assert torch.equal(p, before[name]), name

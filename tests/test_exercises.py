@@ -16,6 +16,7 @@ from mdit_py_plugins.colon_fence import colon_fence_plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted((ROOT / "book").glob("*.ipynb")) + sorted((ROOT / "book").glob("*.md"))
+pytestmark = pytest.mark.slow  # each solution loads what it needs (models, datasets): seconds, together
 MD = MarkdownIt("commonmark").use(colon_fence_plugin)
 DIRECTIVE = re.compile(r"^\{(exercise|solution)(?:-start)?\}\s*(.*)$")
 

@@ -96,6 +96,7 @@ def test_set_quant_storage_refuses_before_changing_anything():
         fsdp.check_shardable(model, torch.bfloat16, CPU)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
     out, results = tmp_path / "adapter", tmp_path / "runs.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

@@ -1,9 +1,11 @@
-"""The package's modules import each other without a cycle, counting imports inside functions.
+"""The package's modules import each other in the order ``__init__``'s docstring declares, without a cycle,
+counting imports inside functions.
 
-A function-level import hides a cycle from Python until the function runs; this test reads every
-import statement of every module (top level or not) and checks that the graph has no cycle.
+A function-level import hides a cycle (or a module reaching up to a later chapter) from Python until the
+function runs; these tests read every import statement of every module, top level or not.
 """
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qlora_tutorial"
@@ -93,10 +95,68 @@ def test_the_graph_holds_function_level_imports():
     assert "models" in graph["memory"]  # an import inside a function
     # a subpackage: its modules, relative imports two levels up, and importing it from outside
     assert {"bench.suite", "bench.cli"} <= graph["bench"] and "memory" in graph["bench.suite"]
-    assert "bench.step" in graph["bench.suite"] and "bench" in graph["fsdp"]
+    assert "bench.step" in graph["bench.suite"] and "adapters" in graph["fsdp"]
 
 
 def test_no_import_cycle():
     graph = import_graph()
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# ---------------------------------------------------------------- the declared order
+# The teaching core, as the design names it: it imports nothing from the chapters after it.
+CORE = {"lora", "formats", "nf4", "matmul4bit", "layer", "quantize", "adapters", "train", "memory"}
+ABOVE_THE_CORE = {"fast", "nf4_triton", "variants", "fsdp", "bench"}
+
+
+def declared_order() -> tuple[list[str], set[str]]:
+    """The modules ``__init__``'s docstring lists, in order, and the ones listed before its "above the
+    core" line."""
+    doc = ast.get_docstring(ast.parse((PACKAGE / "__init__.py").read_text()))
+    order, below = [], None
+    for line in doc.splitlines():
+        if line.startswith("    ----"):
+            below = set(order)
+        elif m := re.match(r"^    (\w+)\s{2,}\S", line):
+            if m.group(1) != "module":  # the table's heading
+                order.append(m.group(1))
+    return order, below
+
+
+def unit(module: str) -> str:
+    """A subpackage counts as one module: "adapters.ours" -> "adapters"."""
+    return module.split(".")[0]
+
+
+def test_every_module_is_declared_once():
+    order, below = declared_order()
+    assert len(order) == len(set(order))
+    assert set(order) == {unit(m) for m in import_graph()}
+    assert CORE <= below and ABOVE_THE_CORE.isdisjoint(below)
+
+
+def reaching_down(graph: dict[str, set[str]], order: list[str]) -> list[str]:
+    """"a imports b" for every import of a module declared below the importer."""
+    rank = {name: i for i, name in enumerate(order)}
+    return [f"{module} imports {other}" for module, imported in sorted(graph.items()) for other in sorted(imported)
+            if unit(other) != unit(module) and rank[unit(other)] > rank[unit(module)]]
+
+
+def test_the_order_check_sees_a_module_reaching_down():
+    order = ["lora", "layer", "adapters", "fast"]
+    assert reaching_down({"layer": {"lora"}, "adapters.ours": {"adapters.folder", "layer"}}, order) == []
+    assert reaching_down({"layer": {"fast", "lora"}, "lora": {"adapters.merge"}}, order) == [
+        "layer imports fast", "lora imports adapters.merge"]
+
+
+def test_each_module_imports_only_the_modules_above_it():
+    order, _ = declared_order()
+    wrong = reaching_down(import_graph(), order)
+    assert wrong == [], "modules reaching down the declared order: " + "; ".join(wrong)
+
+
+def test_the_core_imports_nothing_from_the_chapters_after_it():
+    graph = import_graph()
+    reach = {m: {unit(o) for o in imported} & ABOVE_THE_CORE for m, imported in graph.items() if unit(m) in CORE}
+    assert {m: r for m, r in reach.items() if r} == {}

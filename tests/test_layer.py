@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from qlora_tutorial import Qlora_4_bit
+from qlora_tutorial.layer import DenseBase
 from qlora_tutorial.lora import kaiming_bound, lora_scale
 from qlora_tutorial.nf4 import State4bit, dequantize_nf4
 
@@ -57,6 +58,16 @@ def test_qlora_mode_holds_exactly_what_bitsandbytes_quantizes(linear):
     assert w.numel() * 2 == IN * OUT  # two 4-bit codes per byte
 
 
+def test_qlora_defaults_to_double_quantization(linear):
+    """QLoRA as the paper (and bitsandbytes' usual BitsAndBytesConfig) defines it: NF4 + double quantization."""
+    assert Qlora_4_bit.from_linear(copy.deepcopy(linear), 4, 2).quant_nn.weight.quant_state.nested
+    for off in (dict(double_quant=False), dict(compress_statistics=False)):  # bitsandbytes' name works too
+        layer = Qlora_4_bit.from_linear(copy.deepcopy(linear), 4, 2, **off)
+        assert not layer.quant_nn.weight.quant_state.nested and layer.settings()["double_quant"] is False
+    with pytest.raises(ValueError, match="the same setting"):
+        Qlora_4_bit.from_linear(copy.deepcopy(linear), 4, 2, double_quant=False, compress_statistics=True)
+
+
 def test_double_quantization_and_fp4_options(linear):
     layer = Qlora_4_bit.from_linear(linear, alpha=4, r=2, compress_statistics=True, quant_type="fp4")
     state = layer.quant_nn.weight.quant_state
@@ -66,12 +77,14 @@ def test_double_quantization_and_fp4_options(linear):
     assert torch.equal(layer.base_weight(), bnbF.dequantize_4bit(packed, ref))
 
 
-def test_lora_mode_keeps_the_original_linear_frozen_in_its_dtype():
+def test_lora_mode_keeps_the_original_weight_frozen_in_its_dtype():
     torch.manual_seed(0)
     lin = nn.Linear(IN, OUT, dtype=torch.bfloat16)
     w0 = lin.weight.detach().clone()
     layer = Qlora_4_bit.from_linear(lin, alpha=4, r=2, use_qlora=False)
-    assert type(layer.quant_nn) is nn.Linear and layer.quant_nn is lin
+    # the dense base holds the given layer's own parameters: no copy
+    assert isinstance(layer.quant_nn, DenseBase) and layer.quant_nn.weight is lin.weight and layer.bias is lin.bias
+    assert not lin.weight.requires_grad
     assert layer.quant_nn.weight.dtype == torch.bfloat16 and torch.equal(layer.base_weight(), w0)
     assert not any(p.requires_grad for p in layer.quant_nn.parameters())
     assert layer.W_a.dtype == torch.float32  # adapters are float32 master weights

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from qlora_tutorial import Qlora_4_bit
+from qlora_tutorial import matmul4bit as mm
 from qlora_tutorial.matmul4bit import MatMul4bit, matmul_4bit, saved_tensors
-from qlora_tutorial.nf4 import State4bit, dequantize_nf4, quantize_nf4
+from qlora_tutorial.nf4 import State4bit, as_state, dequantize_nf4, quantize_nf4
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -104,5 +105,95 @@ def test_bad_input_is_named():
     with pytest.raises(TypeError, match="uint8"):
         matmul_4bit(torch.randn(2, 128), packed.float(), state)
     with pytest.raises(TypeError, match="quant_state must be"):
-        MatMul4bit.apply(torch.randn(2, 128), packed, "not a state", None)
+        matmul_4bit(torch.randn(2, 128), packed, "not a state")
     assert isinstance(State4bit.from_bnb(state), State4bit)
+
+
+# ---------------------------------------------------------------- the backends, picked in one place
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_backend_gives_bitsandbytes_bytes(device, double_quant, dtype):
+    """The weight the Function multiplies with is bitsandbytes' dequantization, whichever backend makes it."""
+    packed, bnb_state = quantized(double_quant=double_quant, device=device)
+    state = as_state(bnb_state)
+    expected = bnbF.dequantize_4bit(packed, bnb_state).to(dtype)
+    names = [b.name for b in mm.BACKENDS if b.handles(packed, state)]
+    assert "reference" in names and "bitsandbytes" in names
+    for name in names:
+        with mm.use_backend(name):
+            assert torch.equal(mm.dequantize(packed, state, dtype), expected), name
+
+
+def test_pick_backend_is_the_one_choice():
+    aligned, aligned_state = quantized(in_features=128)  # rows of two whole blocks
+    split, split_state = quantized(in_features=96)  # rows of one and a half blocks
+    assert mm.pick_backend(aligned, as_state(aligned_state)).name == "bitsandbytes"
+    # bitsandbytes 0.50's CPU kernel reads the wrong block scales for rows that split a block
+    assert mm.pick_backend(split, as_state(split_state)).name == "reference"
+    with mm.use_backend("reference"):
+        assert mm.pick_backend(aligned, as_state(aligned_state)).name == "reference"
+    assert mm.pick_backend(aligned, as_state(aligned_state)).name == "bitsandbytes"  # back after the block
+    with pytest.raises(ValueError, match="no 4-bit backend named 'cutlass'.*reference"):
+        with mm.use_backend("cutlass"):
+            pass
+    # the Triton kernel (registered when qlora_tutorial.nf4_triton is imported) takes NF4 weights on CUDA only
+    from qlora_tutorial import nf4_triton
+
+    assert mm.BACKENDS[0] is nf4_triton.TRITON
+    assert not nf4_triton.handles(aligned, as_state(aligned_state))  # a CPU tensor
+
+
+def test_the_operators_are_one_opaque_call_each():
+    """Under torch.compile dequantization is a custom operator; the backward's twin has the same body."""
+    packed, bnb_state = quantized(double_quant=True)
+    s = as_state(bnb_state)
+    args = (packed, s.absmax, s.code, s.offset, s.absmax2, s.code2, s.blocksize, s.blocksize2, 96, 128, "nf4",
+            torch.float32)
+    torch.library.opcheck(torch.ops.qlora_tutorial.dequantize_4bit.default, args)
+    torch.library.opcheck(torch.ops.qlora_tutorial.dequantize_4bit_again.default, args)
+    expected = bnbF.dequantize_4bit(packed, bnb_state)
+    assert torch.equal(mm.dequantize_op(*args), expected) and torch.equal(mm.dequantize_again(*args), expected)
+    assert torch.equal(mm.dequantize(packed, s, operator=True), expected)
+    with pytest.raises(ValueError, match="2-D"):
+        mm.dequantize(packed, State4bit(s.absmax, torch.Size([96 * 128]), torch.float32))
+
+
+# ---------------------------------------------------------------- the layer runs this Function
+def count_function_calls(monkeypatch) -> list:
+    calls = []
+    forward = MatMul4bit.forward
+
+    def counting(ctx, *args):
+        calls.append(1)
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(MatMul4bit, "forward", staticmethod(counting))
+    return calls
+
+
+def dense_tensors_saved(fn, x, out_features, in_features) -> list:
+    return [(shape, dtype) for shape, dtype in saved_tensors(fn, x)
+            if dtype.is_floating_point and torch.Size(shape).numel() >= out_features * in_features]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("in_features, blocksize", [(128, 64), (96, 64), (64, 32)])
+@pytest.mark.parametrize("require_lora", [True, False])
+def test_the_layer_calls_the_function_and_keeps_no_dense_weight(monkeypatch, device, in_features, blocksize,
+                                                                require_lora):
+    """Qlora_4_bit's forward is chapter 11's Function, once per call, on every device and for every row
+    length (the CPU's rows that split a block included: their dequantization backend differs, not the
+    Function); what autograd keeps for the backward is never a dense weight."""
+    torch.manual_seed(0)
+    layer = Qlora_4_bit(in_features, 64, alpha=8, r=4, require_lora=require_lora, blocksize=blocksize,
+                        compute_dtype=torch.float32, device=device)
+    calls = count_function_calls(monkeypatch)
+    x = torch.randn(2, 3, in_features, device=device, requires_grad=True)
+    y = layer(x)
+    assert len(calls) == 1 and type(y.grad_fn).__name__ in ("AddBackward0", "MatMul4bitBackward")
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert dense_tensors_saved(layer, x, 64, in_features) == []
+    assert ((64 * in_features // 2, 1), torch.uint8) in saved_tensors(layer, x)  # the packed bytes instead
+    assert len(calls) == 3  # two more forwards, inside saved_tensors

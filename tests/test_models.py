@@ -72,6 +72,7 @@ def test_unknown_quotes_source():
         load_quotes("somewhere")
 
 
+@pytest.mark.slow
 def test_doctor_runs_on_cpu():
     env = {**os.environ, "QLORA_DEVICE": "cpu"}
     out = subprocess.run([sys.executable, "-m", "qlora_tutorial", "doctor"], capture_output=True, text=True, env=env)

@@ -1,7 +1,6 @@
 """qlora_tutorial.nf4 against the real bitsandbytes (0.50.x, CPU): same bytes, same constants, same
 dequantized weights; plus error bounds, packing, memory arithmetic and bad input."""
 import itertools
-import json
 import subprocess
 import sys
 
@@ -20,14 +19,9 @@ from qlora_tutorial.nf4 import (DYNAMIC_CODE, FP4_CODE, INT4_CODE, NF4_CODE, Sta
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def eager_bitsandbytes():
-    """bitsandbytes' pure-torch CPU fallback (odd last dimension) is wrapped in torch.compile, which
-    compiles for seconds per shape and dtype; the eager function computes the same thing."""
-    old = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = old
+# bitsandbytes' pure-torch CPU fallback (odd last dimension) is wrapped in torch.compile, which compiles
+# for seconds per shape and dtype; the eager function computes the same thing (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")
 
 
 def make_weight(shape, dtype, scale, seed=0):
@@ -255,7 +249,7 @@ def test_to_bnb_dequantize_and_params4bit(double_quant):
 def test_error_is_at_most_half_the_widest_gap_per_block(n, scale, seed, blocksize, kind):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, generator=g) * scale
-    out = fake_quantize(w, kind=kind, blocksize=blocksize)
+    out = fake_quantize(w, quant_type=kind, blocksize=blocksize)
     code = nf4.CODES[kind].sort().values
     half_gap = ((code[1:] - code[:-1]).max() / 2).item()
     blocks = -(-n // blocksize)
@@ -338,6 +332,7 @@ def test_model_weight_bytes_matches_bitsandbytes_on_a_model():
 
 
 # ------------------------------------------------------------------ memory use
+@pytest.mark.slow
 def test_quantizing_needs_less_extra_memory_than_the_weight():
     code = (
         "import resource, torch\n"
@@ -382,8 +377,8 @@ def test_bad_blocksize(blocksize):
 def test_other_bad_input():
     with pytest.raises(TypeError, match="torch.Tensor"):
         quantize_nf4([1.0, 2.0])
-    with pytest.raises(ValueError, match="kind must be one of"):
-        fake_quantize(torch.randn(64), kind="int8")
+    with pytest.raises(ValueError, match="quant_type must be one of"):
+        fake_quantize(torch.randn(64), quant_type="int8")
     packed, state = quantize_nf4(torch.randn(100))
     with pytest.raises(ValueError, match="bytes for shape"):
         dequantize_nf4(packed[:-1], state)

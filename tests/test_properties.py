@@ -12,7 +12,7 @@ from torch import nn
 
 from qlora_tutorial import Qlora_4_bit, adapters, quantize_model
 from qlora_tutorial import nf4
-from qlora_tutorial.nf4 import (BLOCKSIZES, NF4_CODE, State4bit, dequantize_nf4, midpoints,
+from qlora_tutorial.nf4 import (BLOCKSIZES, NF4_CODE, dequantize_nf4, midpoints,
                                 quantize_nf4)
 
 from .test_nf4 import assert_same_state, bnb_reference_dequant

@@ -10,65 +10,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qlora_tutorial import Qlora_4_bit, adapters, quantize_model
+from qlora_tutorial.layer import Base4bit
 from qlora_tutorial.quantize import wrapped_layers
 from qlora_tutorial.models import tiny_llama
 from qlora_tutorial.nf4 import dequantize_nf4, quantize_nf4
 
-MLP = ["gate_proj", "up_proj", "down_proj"]
-IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7, 250, 3], [4, 4, 8, 15, 16, 23, 42, 0, 99, 200]])
-
-
-# bitsandbytes' CPU path runs torch.compile'd functions (seconds per new shape); eager gives the same.
-pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")
-
-
-def trained(targets=MLP, use_qlora=True, seed=0, **kwargs):
-    """A tiny Llama whose LoRA layers have non-zero W_b, as after training."""
-    model = quantize_model(tiny_llama(seed=0), targets, alpha=8, r=4, use_qlora=use_qlora, **kwargs)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in wrapped_layers(model):
-            layer = model.get_submodule(name)
-            if layer.require_lora:
-                layer.W_b.copy_(torch.randn(layer.W_b.shape, generator=g) * 0.05)
-    return model.eval()
-
-
-@torch.no_grad()
-def logits(model):
-    return model(input_ids=IDS).logits
-
-
-def snapshot(model):
-    """Everything a failed call must leave as it was: module types, requires_grad flags, the state dict."""
-    return ({name: type(m) for name, m in model.named_modules()},
-            {name: p.requires_grad for name, p in model.named_parameters()},
-            {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "save_pretrained" in model.__dict__)
-
-
-def same_bits(a, b):
-    """Equal to the bit (NaN included), same dtype and shape."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
-                                                                      b.contiguous().view(torch.uint8))
-
-
-def assert_unchanged(model, before):
-    types, flags, state, guarded = snapshot(model)
-    assert types == before[0]
-    assert flags == before[1]
-    assert state.keys() == before[2].keys()
-    assert all(same_bits(state[k], before[2][k]) for k in state)
-    assert guarded == before[3]
-
-
-def fails_and_changes_nothing(model, call, match):
-    """``call()`` raises a ValueError matching ``match`` and leaves ``model`` exactly as it was."""
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        call()
-    assert_unchanged(model, before)
-
+from .helpers import MLP, assert_unchanged, fails_and_changes_nothing, logits, snapshot, trained
 
 # ---------------------------------------------------------------- 1. whole-model persistence
 @pytest.mark.parametrize("compress_statistics, quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
@@ -188,7 +135,7 @@ def test_quantize_model_restores_the_model_when_building_a_layer_fails(monkeypat
     """Even an error no check foresaw (here: inside bitsandbytes, on the last layer) leaves the model as it was."""
     model = tiny_llama(seed=0)
     before = snapshot(model)
-    real = Qlora_4_bit._make_4bit
+    real = Base4bit.quantize
     calls = []
 
     def failing(linear, *args):
@@ -197,7 +144,7 @@ def test_quantize_model_restores_the_model_when_building_a_layer_fails(monkeypat
             raise RuntimeError("simulated failure in bitsandbytes")
         return real(linear, *args)
 
-    monkeypatch.setattr(Qlora_4_bit, "_make_4bit", staticmethod(failing))
+    monkeypatch.setattr(Base4bit, "quantize", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         quantize_model(model, MLP, alpha=4, r=2)
     assert_unchanged(model, before)
@@ -310,10 +257,10 @@ def test_merge_and_base_weight_are_exact_on_cpu_for_rows_that_split_a_block():
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", [dict(quant_type="fp4"), dict(blocksize=128), dict(compress_statistics=False),
+@pytest.mark.parametrize("change", [dict(quant_type="fp4"), dict(blocksize=128), dict(double_quant=False),
                                     dict(compute_dtype=torch.bfloat16)])
 def test_second_call_with_other_quant_settings_is_an_error(change):
-    """Case 3e: a second call with another quant_type, blocksize or compress_statistics used to be ignored."""
+    """Case 3e: a second call with another quant_type, blocksize or double_quant used to be ignored."""
     model = quantize_model(tiny_llama(seed=0), MLP, alpha=4, r=2, compute_dtype=torch.float32)
     before = snapshot(model)
     key = next(iter(change))
@@ -379,5 +326,5 @@ def test_huge_weights_with_double_quantization():
     lin = nn.Linear(256, 64)
     with torch.no_grad():
         lin.weight.fill_(3e38)
-    with pytest.raises(ValueError, match="proj: double quantization overflows float32.*compress_statistics=False"):
-        Qlora_4_bit.from_linear(lin, alpha=4, r=2, compress_statistics=True, name="proj")
+    with pytest.raises(ValueError, match="proj: double quantization overflows float32.*double_quant=False"):
+        Qlora_4_bit.from_linear(lin, alpha=4, r=2, compress_statistics=True, name="proj")  # bitsandbytes' name

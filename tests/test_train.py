@@ -77,16 +77,6 @@ def test_optimizer_flags_page_on_gpu_only(tmp_path):
     assert args.optim == default and "paged" not in str(args.optim)  # the CPU run keeps the Trainer's AdamW
 
 
-def test_make_trainer_compile_blocks_compiles_each_decoder_block(tok, tmp_path):
-    args = T.training_arguments(str(tmp_path), Runtime(torch.device("cpu"), torch.float32))
-    data = T.tokenize_texts(datasets.Dataset.from_list([{"quote": "a b c"}]), tok)
-    model = small_model(tok)
-    T.make_trainer(model, args, data, tok.pad_token_id)
-    assert all(block._compiled_call_impl is None for block in model.model.layers)
-    T.make_trainer(model, args, data, tok.pad_token_id, compile_blocks=True)  # compiled lazily, at the first call
-    assert all(block._compiled_call_impl is not None for block in model.model.layers)
-
-
 def test_training_arguments_original_recipe(tmp_path):
     args = T.training_arguments(str(tmp_path), Runtime(torch.device("cpu"), torch.float32))
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.learning_rate,
@@ -118,6 +108,7 @@ def run_tiny(tok, tmp_path, steps=6, **overrides):
     return model, T.train(T.make_trainer(model, args, data, tok.pad_token_id))
 
 
+@pytest.mark.slow
 def test_training_is_quiet_deterministic_and_learns(tok, tmp_path, capsys):
     model, first = run_tiny(tok, tmp_path)
     out = capsys.readouterr()
@@ -174,6 +165,7 @@ def test_checkpointing_arguments_are_non_reentrant(tmp_path):
     assert on and kwargs == {"use_reentrant": False}
 
 
+@pytest.mark.slow
 def test_checkpointing_changes_memory_not_the_math(tok, tmp_path):
     _, plain = run_tiny(tok, tmp_path, steps=4)
     model, ckpt = run_tiny(tok, tmp_path, steps=4, gradient_checkpointing=True)

@@ -1,8 +1,8 @@
-"""qlora_tutorial.variants: an 8-bit base, DoRA and LoRA+, each against PEFT's implementation."""
+"""The variants: an 8-bit base (layer.Base8bit), DoRA (lora.dora_*) and LoRA+ (variants), each against PEFT's
+implementation."""
 import copy
 import tempfile
 
-import bitsandbytes as bnb
 import peft
 from peft.optimizers import create_loraplus_optimizer
 import pytest
@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from qlora_tutorial import adapters, memory
-from qlora_tutorial.layer import Qlora_4_bit
+from qlora_tutorial.layer import Base8bit, Qlora_4_bit
 from qlora_tutorial.models import tiny_llama
 from qlora_tutorial.quantize import quantize_model, wrapped_layers
-from qlora_tutorial.variants import int8_weight, loraplus_param_groups, make_int8_base
+from qlora_tutorial.variants import loraplus_optimizer, loraplus_param_groups
 
-from .test_reliability import fails_and_changes_nothing
+from .helpers import fails_and_changes_nothing
 
 TARGETS = ["gate_proj", "up_proj", "down_proj", "q_proj", "v_proj"]
 IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 3, 250]])
@@ -193,7 +193,7 @@ def test_int8_forward_and_gradients_match_peft_on_the_same_bitsandbytes_layer():
     base = tiny_llama(seed=0)
     for name in wrapped_layers(ours):  # PEFT's LoRA on bitsandbytes' Linear8bitLt, from the same weights
         parent, _, attr = name.rpartition(".")
-        setattr(base.get_submodule(parent), attr, make_int8_base(base.get_submodule(name)))
+        setattr(base.get_submodule(parent), attr, Base8bit.quantize(base.get_submodule(name)))
     base.is_loaded_in_8bit = True  # what transformers sets; PEFT then wraps with its bitsandbytes LoRA layer
     theirs = peft_twin(ours, base, use_dora=False)
     assert type(theirs.base_model.model.get_submodule("model.layers.0.mlp.gate_proj")).__module__ == "peft.tuners.lora.bnb"
@@ -252,16 +252,19 @@ def test_loraplus_puts_doras_magnitude_with_b_like_peft():
         (1e-4, 0.01, 10), (8e-4, 0.01, 10), (8e-4, 0.0, 10)]
 
 
-def test_make_trainer_builds_the_loraplus_optimizer():
+def test_the_trainer_takes_the_loraplus_optimizer():
     from datasets import Dataset
 
+    from qlora_tutorial.device import Runtime
     from qlora_tutorial.train import make_trainer, training_arguments
 
     model = quantize_model(tiny_llama(seed=0), TARGETS, alpha=8, r=4, use_qlora=False)
     data = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 4)
     with tempfile.TemporaryDirectory() as tmp:
-        args = training_arguments(tmp, learning_rate=2e-4, max_steps=1, weight_decay=0.0)
-        trainer = make_trainer(model, args, data, pad_token_id=0, loraplus_ratio=16)
+        # on the CPU the Trainer's optimizer is torch's AdamW (on a GPU, bitsandbytes' paged AdamW)
+        args = training_arguments(tmp, Runtime(torch.device("cpu"), torch.float32), learning_rate=2e-4, max_steps=1,
+                                  weight_decay=0.0)
+        trainer = make_trainer(model, args, data, pad_token_id=0, optimizers=loraplus_optimizer(model, args, 16))
         opt = trainer.optimizer
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["lr"] for g in opt.param_groups] == [2e-4, 2e-4 * 16, 2e-4 * 16]

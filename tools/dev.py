@@ -14,7 +14,6 @@ in ``tools/``, outside the installed package: readers who ``pip install`` the pa
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -264,7 +263,8 @@ def test(args: list[str] = ()) -> None:
     site_test = ROOT / "tests" / "site"
     if site_test.is_dir():
         start = time.time()
-        run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(site_test)])
+        run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(site_test)],
+            env={**os.environ, "QLORA_SITE_REQUIRED": "1"})  # built just now: a missing page fails, never skips
         timings["site in a browser"] = time.time() - start
     for name, secs in timings.items():
         log(f"{name:>20}: {secs:6.0f} s")

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from .. import memory
+from ..nf4 import as_state
 from .results import GIB
 from .step import _sync
 
@@ -69,12 +71,11 @@ def kernel_benchmark(device: torch.device, shape=(4096, 11008), dtype: torch.dty
 
     generator = torch.Generator(device=device).manual_seed(0)
     weight = (torch.randn(shape, device=device, generator=generator) * 0.02).to(dtype)
-    n = weight.numel()
     checks = bytes_check(weight)
     packed_b, state_b = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
     packed_o, state_o = nf4.quantize_nf4(weight)  # our from-scratch code, run on the same device
     reference = bnbF.dequantize_4bit(packed_b, state_b)
-    moved = packed_b.numel() + state_b.absmax.numel() * 4 + n * weight.element_size()
+    moved = memory.dequantization_bytes(packed_b, state_b, dtype)
     # several copies of the inputs, used in turn, so each run reads from memory rather than the cache
     inputs_b = [(packed_b.clone(), _clone_state(state_b)) for _ in range(copies)]
     inputs_o = [(p.clone(), s) for p, s in [(packed_o, state_o)] * copies]
@@ -93,8 +94,7 @@ def kernel_benchmark(device: torch.device, shape=(4096, 11008), dtype: torch.dty
     # double quantization (QLoRA as the paper defines it): 8-bit absmax codes, float32 second-level scales
     packed_n, state_n = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
     reference_n = bnbF.dequantize_4bit(packed_n, state_n)
-    moved_n = (packed_n.numel() + state_n.absmax.numel() + state_n.state2.absmax.numel() * 4
-               + n * weight.element_size())
+    moved_n = memory.dequantization_bytes(packed_n, state_n, dtype)
     inputs_n = [(packed_n.clone(), _clone_state(state_n)) for _ in range(copies)]
     variants_n = [("bitsandbytes dequantize_4bit, double-quantized", lambda p, s: bnbF.dequantize_4bit(p, s), inputs_n)]
     if triton_ok:
@@ -113,12 +113,18 @@ def triton_variants(name: str, op_label: str, inputs, dtype: torch.dtype, config
     """Our Triton kernel as benchmark variants: launched directly at each tile of ``configs`` (packed
     bytes per program, warps), then through the custom operator at the default tiles."""
     from .. import nf4_triton
+    from ..matmul4bit import dequantize, use_backend
 
     out = [(f"{name} (nf4_triton, {nbytes} bytes x {warps} warps)",
             lambda p, s, nb=nbytes, w=warps: nf4_triton.dequantize_triton(
-                p, *nf4_triton.state_args(s)[:-2], s.shape, dtype, bytes_per_program=nb, num_warps=w), inputs)
+                p, as_state(s), dtype, bytes_per_program=nb, num_warps=w), inputs)
            for nbytes, warps in configs]
-    out.append((f"{name} ({op_label})", lambda p, s: nf4_triton.dequantize_like_bnb(p, s), inputs))
+
+    def through_operator(p, s):
+        with use_backend("triton"):
+            return dequantize(p, as_state(s), dtype, operator=True)
+
+    out.append((f"{name} ({op_label})", through_operator, inputs))
     return out
 
 
@@ -195,7 +201,7 @@ def triton_exactness(device: torch.device, trials: int = 3) -> dict:
                     packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
                     ref = bnbF.dequantize_4bit(packed, state)
                     out = torch.full(shape, float("nan"), dtype=dtype, device=device)
-                    nf4_triton.dequantize_triton(packed, *nf4_triton.state_args(state)[:-2], shape, dtype, out=out)
+                    nf4_triton.dequantize_triton(packed, as_state(state), dtype, out=out)
                     equal &= bool(torch.equal(out, ref))
                 results[f"{shape[0]}x{shape[1]} {str(dtype).replace('torch.', '')} nested={nested}"] = equal
     return {"all_equal": all(results.values()), "cases": results}

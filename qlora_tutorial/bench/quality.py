@@ -35,9 +35,9 @@ from pathlib import Path
 
 BASES = {
     "bf16": dict(use_qlora=False),
-    "nf4": dict(quant_type="nf4", compress_statistics=False),
-    "nf4-dq": dict(quant_type="nf4", compress_statistics=True),
-    "fp4": dict(quant_type="fp4", compress_statistics=False),
+    "nf4": dict(quant_type="nf4", double_quant=False),
+    "nf4-dq": dict(quant_type="nf4", double_quant=True),
+    "fp4": dict(quant_type="fp4", double_quant=False),
     "int8": dict(quant_type="int8"),
 }
 ALPHA = 16
@@ -73,6 +73,7 @@ def run_one(run: dict, threads: int = 2) -> list[dict]:
     from ..tasks import date_datasets
     from ..train import (DATE_TASK_RECIPE, answer_loss, evaluate_task, make_trainer, tokenize_prompt_answer, train,
                          training_arguments)
+    from ..variants import loraplus_optimizer
 
     torch.set_num_threads(threads)
     runtime = pick_device()
@@ -83,13 +84,14 @@ def run_one(run: dict, threads: int = 2) -> list[dict]:
     quantize_model(model, "mlp" if run["targets"] == "mlp" else "all", alpha=ALPHA, r=run["r"],
                    use_dora=run["variant"] == "dora", **BASES[run["base"]])
     recipe = dict(DATE_TASK_RECIPE)
-    ratio = None
     if run["variant"] == "loraplus":
-        recipe["learning_rate"], ratio = LORAPLUS["lr"], LORAPLUS["ratio"]
+        recipe["learning_rate"] = LORAPLUS["lr"]
     with tempfile.TemporaryDirectory() as tmp:
         args = training_arguments(tmp, runtime, seed=run["seed"], **recipe)
+        optimizers = (loraplus_optimizer(model, args, LORAPLUS["ratio"]) if run["variant"] == "loraplus"
+                      else (None, None))
         trainer = make_trainer(model, args, tokenize_prompt_answer(train_set, tokenizer), tokenizer.pad_token_id,
-                               loraplus_ratio=ratio)
+                               optimizers=optimizers)
         result = train(trainer)
     accuracy, _ = evaluate_task(model, tokenizer, test_set)
     metrics = {"exact_match": accuracy, "heldout_answer_loss": answer_loss(model, tokenizer, test_set),

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..device import device_name
+from ..device import recorded_versions as versions
+
 # Relative to the current directory: the installed package knows no checkout, so a book run is made
 # from the repository's root (or given --csv/--json).
 CSV_PATH = Path("book") / "data" / "gpu_benchmark.csv"
@@ -26,21 +29,6 @@ RAW_DATA_URL = REPOSITORY.replace("https://github.com/", "https://raw.githubuser
 
 
 # ---------------------------------------------------------------- provenance
-def versions() -> dict:
-    from ..device import versions as all_versions
-
-    v = all_versions()
-    return {k: v[k] for k in ("torch", "bitsandbytes", "transformers", "peft")}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def provenance(device: torch.device, command: str) -> dict:
     """What every row carries: where, with which versions, when and by which command it was measured."""
     return {"device": device_name(device), **versions(), "date": time.strftime("%Y-%m-%d", time.gmtime()),

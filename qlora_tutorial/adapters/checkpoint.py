@@ -1,0 +1,113 @@
+"""Whole-model checkpoints: a model with ``Qlora_4_bit`` layers, base included, saved and read back bit-exact.
+
+``save_quantized(model, folder)`` writes the full state dict (the 4-bit layers as bitsandbytes
+stores them: packed bytes, block scales, code, the double quantization's constants; LoRA matrices;
+every other weight) into ``quantized.safetensors``, and how each layer was wrapped into
+``quantized.json``. ``load_quantized(model_or_config, folder)`` wraps a plain model the same way and
+loads it. ``model.state_dict()`` / ``load_state_dict(strict=True)`` round-trip too. transformers'
+``save_pretrained`` refuses a wrapped model (``from_pretrained`` would re-initialise the layers it
+does not know); it works again after ``merge``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..quantize import quantize_model, unchanged_on_error, wrapped_layers
+from .folder import FORMAT_VERSION, read_folder, write_folder
+from .ours import _list, base_model_id
+
+
+QUANTIZED_FORMAT = "qlora_tutorial.quantized"
+QUANTIZED_WEIGHTS_FILE = "quantized.safetensors"
+QUANTIZED_CONFIG_FILE = "quantized.json"
+
+
+def save_quantized(model: nn.Module, path) -> Path:
+    """Write a whole model with ``Qlora_4_bit`` layers into the folder ``path``; return the folder.
+
+    Two files: ``quantized.safetensors`` holds the full state dict (the 4-bit layers as bitsandbytes
+    stores them: packed bytes, block scales, code, and the double quantization's constants; LoRA
+    matrices; every other weight), ``quantized.json`` how each layer was wrapped.
+    ``load_quantized`` reads it back bit-exact. Tied weights are stored once.
+    """
+    layers = {name: model.get_submodule(name).settings() for name in wrapped_layers(model)}
+    if not layers:
+        raise ValueError("the model has no Qlora_4_bit layers: save a plain model with save_pretrained "
+                         "(transformers) or safetensors.torch.save_model")
+    for settings in layers.values():
+        settings.pop("compute_dtype", None)  # a choice for the device it runs on, not part of the weights
+    tensors, aliases, storages = {}, {}, {}
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        place = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+        if value.numel() and place in storages:  # the same tensor under a second name (tied weights)
+            aliases[key] = storages[place]
+            continue
+        shared = value.numel() and any(p[0] == place[0] for p in storages)
+        storages[place] = key
+        # safetensors stores no two names on one memory block: copy the tensors that share one
+        tensors[key] = (value.clone() if shared else value).to("cpu").contiguous()
+    config = {"format": QUANTIZED_FORMAT, "format_version": FORMAT_VERSION, "base_model": base_model_id(model),
+              "model_class": type(model).__name__, "layers": layers, "aliases": aliases}
+    return write_folder(path, QUANTIZED_CONFIG_FILE, config, QUANTIZED_WEIGHTS_FILE, tensors)
+
+
+def read_quantized(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict) from a folder written by ``save_quantized``; tied names filled in."""
+    config, tensors = read_folder(path, QUANTIZED_CONFIG_FILE, QUANTIZED_WEIGHTS_FILE, fmt=QUANTIZED_FORMAT,
+                                  what="folder", hint="save_quantized writes both.")
+    for alias, key in config.get("aliases", {}).items():
+        tensors[alias] = tensors[key]
+    return config, tensors
+
+
+def load_quantized(model_or_config, path) -> nn.Module:
+    """A model saved by ``save_quantized``, back bit-exact; returns the model.
+
+    ``model_or_config`` is a model of the same architecture, plain (it is wrapped as the file says,
+    e.g. ``load_model()`` or ``AutoModelForCausalLM.from_config(config)``) or already wrapped with
+    the same settings; or a transformers config, from which a model is built first. Every key and
+    shape is checked before anything is loaded; on any error the model is left as it was.
+    """
+    config, tensors = read_quantized(path)
+    model = model_or_config
+    if not isinstance(model, nn.Module):
+        from transformers import AutoModelForCausalLM, PretrainedConfig
+
+        if not isinstance(model, PretrainedConfig):
+            raise TypeError(f"model_or_config must be a torch.nn.Module or a transformers config, "
+                            f"got {type(model).__name__}")
+        model = AutoModelForCausalLM.from_config(model)
+    with unchanged_on_error(model):
+        groups: dict[str, list[str]] = {}
+        for name, settings in config["layers"].items():
+            groups.setdefault(json.dumps(settings, sort_keys=True), []).append(name)
+        for key, names in groups.items():
+            settings = json.loads(key)
+            alpha, r = settings.pop("alpha"), settings.pop("r")
+            quantize_model(model, names, alpha, r, **settings)
+        extra = set(wrapped_layers(model)) - set(config["layers"])
+        if extra:
+            raise ValueError(f"the model has Qlora_4_bit layers the file does not hold: {_list(extra)}; "
+                             "load into a plain model")
+        _check_state_fits(model.state_dict(), tensors)
+        model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def _check_state_fits(expected: dict, tensors: dict) -> None:
+    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    if missing or unexpected:
+        parts = ([f"missing from the file: {_list(missing)}"] if missing else []) + (
+            [f"in the file but not in the model: {_list(unexpected)}"] if unexpected else [])
+        raise ValueError("the saved model does not fit this model (" + "; ".join(parts) + "); load it into a "
+                         "model of the architecture it was saved from")
+    # (bitsandbytes' packed quant_state entry is JSON text whose length varies: no fixed shape)
+    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if ".quant_state.bitsandbytes__" not in k and tuple(tensors[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"shapes differ between the file and the model: {_list(wrong, 3)}; another model size?")
