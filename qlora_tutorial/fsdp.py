@@ -143,8 +143,8 @@ def restore_4bit_weight(layer: Qlora_4_bit, args) -> None:
         quant_type=state.quant_type, quant_storage=w.dtype, module=linear, bnb_quantized=True)
 
 
-def check_shardable(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-    """Every 4-bit weight stored as ``dtype`` (or uint8); on a CPU every row a whole number of blocks.
+def check_shardable(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every 4-bit weight stored as ``dtype`` (or uint8).
 
     Packed bytes stored in another floating-point dtype are a trap: a cast to the model's dtype (by
     ``model.to``, or by an FSDP mixed-precision policy, which leaves only integer tensors alone)
@@ -154,10 +154,6 @@ def check_shardable(model: nn.Module, dtype: torch.dtype, device: torch.device) 
         if layer.weight.dtype not in (dtype, torch.uint8):
             raise ValueError(f"{name}: its 4-bit bytes are stored as {layer.weight.dtype}, the model's other "
                              f"weights as {dtype}; call set_quant_storage(model, {dtype}) before sharding")
-        if device.type == "cpu" and layer.in_features % layer.quant_state.blocksize:
-            raise ValueError(f"{name}: in_features={layer.in_features} is not a multiple of the blocksize "
-                             f"{layer.quant_state.blocksize}, and bitsandbytes' CPU 4-bit kernel reads the wrong "
-                             "block scales for such layers; run on CUDA or pick sizes that are multiples of it")
 
 
 def shard(model: nn.Module, mesh) -> nn.Module:
@@ -333,7 +329,7 @@ def _run(args, argv, device_type, rank, world_size, local_rank) -> int:
     model = build_model(args.model, device, dtype, r=args.lora_r, alpha=args.lora_alpha, seed=args.seed,
                         double_quant=args.double_quant,
                         quant_storage=torch.uint8 if args.quant_storage == "uint8" else dtype)
-    check_shardable(model, dtype, device)
+    check_shardable(model, dtype)
     if args.grad_ckpt:
         set_checkpointing(model, True)
     if args.no_shard:

@@ -11,9 +11,10 @@ README's two switches and the quant type:
 * ``DenseBase`` (``use_qlora=False``): the original weight, frozen, in its own dtype (LoRA).
 * ``Base8bit`` (``quant_type="int8"``): the weight in 8 bits (LLM.int8, bitsandbytes' ``Linear8bitLt``).
 
-Every base answers the same questions: ``base(x)`` (its forward), ``base.dense_weight()``,
-``base.stored_tensors()`` (what it keeps in memory, counted by ``qlora_tutorial.memory``) and
-``base.settings()`` (how to build it again). Other modules ask the base; none reads its internals.
+Every base answers the same questions: ``base(x)`` (its forward), ``base.dense_weight()``, its
+``source_dtype`` (the dtype its weight had) and ``base.settings()`` (how to build it again). Other
+modules ask the base rather than its internals; what it stores is counted by ``memory.weight_bytes``,
+the package's one byte accounting.
 
 ``require_lora=False`` leaves the LoRA matrices out (quantization only, for inference), and
 ``use_dora=True`` adds DoRA's trainable ``magnitude``. The LoRA math itself (scale, init, the
@@ -106,11 +107,12 @@ def check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, requi
                          "only. Leave them at their defaults")
 
 
-def resolve_double_quant(double_quant: bool, compress_statistics, name: str) -> bool:
-    """``double_quant``, or bitsandbytes' name for it, ``compress_statistics``, if that is given instead."""
+def resolve_double_quant(double_quant, compress_statistics, name: str) -> bool:
+    """``double_quant`` (default True, as the QLoRA paper), or bitsandbytes' name for it,
+    ``compress_statistics``, if that is given instead; both, disagreeing, is an error."""
     if compress_statistics is None:
-        return bool(double_quant)
-    if double_quant is not True and bool(double_quant) != bool(compress_statistics):
+        return True if double_quant is None else bool(double_quant)
+    if double_quant is not None and bool(double_quant) != bool(compress_statistics):
         raise ValueError(f"{name}: double_quant={double_quant!r} and compress_statistics={compress_statistics!r} "
                          "are the same setting (compress_statistics is bitsandbytes' name); give one of them")
     return bool(compress_statistics)
@@ -150,9 +152,6 @@ class DenseBase(nn.Linear):
     def dense_weight(self) -> torch.Tensor:
         return self.weight.detach()
 
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight, **({"bias": self.bias} if self.bias is not None else {})}
-
     def settings(self) -> dict:
         return {}
 
@@ -166,6 +165,8 @@ class Base4bit(bnb.nn.Linear4bit):
     (input and bias in the compute dtype, the output back in the input's dtype), through
     ``matmul4bit.MatMul4bit``.
     """
+
+    where = "the 4-bit base"  # what errors call it; quantize() gives it the layer's name
 
     @classmethod
     def quantize(cls, linear: nn.Linear, compute_dtype: torch.dtype, double_quant: bool, quant_type: str,
@@ -189,9 +190,10 @@ class Base4bit(bnb.nn.Linear4bit):
                     f"{where}: double quantization overflows float32 for this weight (largest magnitude "
                     f"{weight.detach().abs().max().item():.3g}): the mean of its block scales is not finite. "
                     "Use double_quant=False for it, or scale the weights down")
-        # On CPUs with AVX512-BF16, bitsandbytes repacks the weight into a CPU-only layout in eval mode
-        # and rounds the block scales to bfloat16; we keep its standard layout in every mode.
+        # On CPUs with AVX512-BF16, bitsandbytes' own forward repacks the weight into a CPU-only layout in
+        # eval mode; ours never runs it, and this flag keeps other code that calls it from doing so.
         base.support_avx512bf16_for_cpu = False
+        base.where = where  # what errors call the layer
         return base
 
     @property
@@ -214,6 +216,9 @@ class Base4bit(bnb.nn.Linear4bit):
         return data if data.dtype == torch.uint8 else data.view(torch.uint8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_quantized:
+            raise RuntimeError(f"{self.where}: its 4-bit weight is not quantized yet (the layer was built on the meta "
+                               "device); move the model to its device first, which quantizes it")
         compute = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(compute)
         return matmul_4bit(x.to(compute), self.packed(), self.state(), bias).to(x.dtype)
@@ -223,12 +228,6 @@ class Base4bit(bnb.nn.Linear4bit):
         if not self.is_quantized:  # on meta: nothing was quantized yet
             return self.weight.detach()
         return dequantize(self.packed(), self.state())
-
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        if not self.is_quantized:
-            return {"weight": self.weight, **({"bias": self.bias} if self.bias is not None else {})}
-        tensors = {"packed": self.weight.data, **self.state().tensors()}
-        return {**tensors, **({"bias": self.bias} if self.bias is not None else {})}
 
     def settings(self) -> dict:
         w = self.weight
@@ -246,7 +245,8 @@ class Base4bit(bnb.nn.Linear4bit):
         stats_prefix = prefix + "weight."
         stats = {k[len(stats_prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(stats_prefix)}
         packed = state_dict.get(prefix + "weight")
-        where = prefix[:-1].removesuffix(".quant_nn") or "the 4-bit base"  # errors name the Qlora_4_bit layer
+        # errors name the Qlora_4_bit layer: its place in the model, or its own name when loaded alone
+        where = prefix[:-1].removesuffix("quant_nn").rstrip(".") or self.where
         if stats and packed is not None:
             try:
                 self._load_4bit(packed, stats)
@@ -290,6 +290,8 @@ class Base8bit(bnb.nn.Linear8bitLt):
     multiplies in 16 bits: the "mixed-precision decomposition".
     """
 
+    source_dtype = torch.float32  # the dtype the weight had (the int8 codes do not remember it); set by quantize
+
     @classmethod
     def quantize(cls, linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> "Base8bit":
         """``linear``'s weight as int8 rows, quantized now (unless on ``meta``); only the codes and the
@@ -320,12 +322,6 @@ class Base8bit(bnb.nn.Linear8bitLt):
         dtype the weight had before."""
         return (self.weight.data.float() * (self.row_scales().float() / 127).unsqueeze(1)).to(self.source_dtype)
 
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"weight": self.weight}
-        if self.weight.dtype == torch.int8:
-            tensors["row_scales"] = self.row_scales()
-        return {**tensors, **({"bias": self.bias} if self.bias is not None else {})}
-
     def settings(self) -> dict:
         return {"quant_type": "int8"}
 
@@ -355,9 +351,9 @@ class Qlora_4_bit(nn.Module):
     Attributes kept from the original README: ``quant_nn`` (the base layer), ``W_a`` (in x r), ``W_b``
     (r x out), ``scale`` (alpha / r, or alpha / sqrt(r) with ``rslora=True``), ``require_lora``,
     ``use_qlora``. ``name`` (optional; ``quantize_model`` passes the qualified name, e.g.
-    "model.layers.3.mlp.down_proj") is what error messages call the layer. ``double_quant`` (default
-    True, as the QLoRA paper) stores the block scales in 8 bits; ``compress_statistics`` is accepted
-    as bitsandbytes' name for it.
+    "model.layers.3.mlp.down_proj") is what error messages call the layer. ``double_quant`` (default:
+    True, as in the QLoRA paper) stores the block scales in 8 bits; ``compress_statistics`` is accepted
+    as bitsandbytes' name for it. ``quant_type`` is the base's format: "nf4" (default), "fp4" or "int8".
 
     Everything is checked before anything is built: sizes, rank and alpha, quant type, blocksize,
     the weight's dtype and values. The forward checks its input (floating point, last dimension
@@ -366,7 +362,7 @@ class Qlora_4_bit(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, alpha: float, r: int,
                  require_lora: bool = True, use_qlora: bool = True, *, bias: bool = True,
-                 rslora: bool = False, double_quant: bool = True, compress_statistics: bool | None = None,
+                 rslora: bool = False, double_quant: bool | None = None, compress_statistics: bool | None = None,
                  compute_dtype: torch.dtype | None = None, quant_type: str = "nf4",
                  blocksize: int = 64, use_dora: bool = False, device=None, dtype: torch.dtype | None = None,
                  linear: nn.Linear | None = None, name: str | None = None):

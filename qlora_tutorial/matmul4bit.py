@@ -62,11 +62,12 @@ def _bitsandbytes_dequantize(packed: torch.Tensor, state: State4bit, dtype: torc
 
     bnb_state = state.to_bnb()
     bnb_state.dtype = dtype  # the dtype bitsandbytes writes the weight in
-    return bnbF.dequantize_4bit(packed, bnb_state)
+    weight = bnbF.dequantize_4bit(packed.reshape(-1, 1), bnb_state)
+    # a compatibility rule of bitsandbytes for an old layout transposes the result of a single packed byte
+    return weight.t() if packed.numel() == 1 else weight
 
 
-REFERENCE = Backend("reference", lambda packed, state, dtype: dequantize_nf4(packed, state, dtype),
-                    lambda packed, state: True)
+REFERENCE = Backend("reference", dequantize_nf4, lambda packed, state: True)
 BITSANDBYTES = Backend("bitsandbytes", _bitsandbytes_dequantize, _bitsandbytes_handles)
 # In order of preference; the reference handles every weight, so it comes last.
 BACKENDS: list[Backend] = [BITSANDBYTES, REFERENCE]
@@ -80,8 +81,12 @@ def register_backend(backend: Backend) -> None:
 
 def pick_backend(packed: torch.Tensor, state: State4bit) -> Backend:
     """The backend that dequantizes this weight: the first in ``BACKENDS`` that handles it (or the one
-    ``use_backend`` asks for)."""
+    ``use_backend`` asks for, which must handle it)."""
     if _forced is not None:
+        if not _forced.handles(packed, state):
+            raise ValueError(f"the 4-bit backend {_forced.name!r} (use_backend) cannot dequantize this weight "
+                             f"({state.quant_type}, {tuple(state.shape)}, on {packed.device.type}); pick one whose "
+                             f"handles() accepts it, or leave the choice to pick_backend")
         return _forced
     return next(b for b in BACKENDS if b.handles(packed, state))
 
@@ -131,7 +136,8 @@ def dequantize(packed: torch.Tensor, state: State4bit, dtype: Optional[torch.dty
     if len(state.shape) != 2:
         raise ValueError(f"a 4-bit matmul needs a 2-D (out, in) weight, this state is shaped {tuple(state.shape)}")
     dtype = dtype or state.dtype
-    if torch.compiler.is_compiling() if operator is None else operator:
+    use_operator = torch.compiler.is_compiling() if operator is None else operator
+    if use_operator:
         op = dequantize_again if backward else dequantize_op
         return op(packed, state.absmax, state.code, state.offset, state.absmax2, state.code2, state.blocksize,
                   state.blocksize2, state.shape[0], state.shape[1], state.quant_type, dtype)

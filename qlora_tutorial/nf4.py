@@ -378,6 +378,11 @@ class State4bit:
     @classmethod
     def from_bnb(cls, state) -> "State4bit":
         """Ours from a bitsandbytes ``QuantState`` (tensors shared, not copied)."""
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes' CPU eval path (AVX512-BF16) repacks the bytes into another layout, which the
+            # package does not read; Qlora_4_bit turns that path off
+            raise ValueError("this 4-bit weight was repacked by bitsandbytes' CPU eval path (packing_format_for_cpu); "
+                             "dequantize it with bitsandbytes.functional.dequantize_4bit instead")
         double_quant = state.state2 is not None  # bitsandbytes calls it ``nested``
         return cls(absmax=state.absmax, shape=torch.Size(state.shape), dtype=state.dtype, blocksize=state.blocksize,
                    quant_type=state.quant_type, code=state.code, offset=state.offset if double_quant else None,

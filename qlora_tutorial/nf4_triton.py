@@ -121,5 +121,5 @@ def handles(packed: torch.Tensor, state: State4bit) -> bool:
     return packed.is_cuda and state.quant_type == "nf4" and triton_available()
 
 
-TRITON = Backend("triton", lambda packed, state, dtype: dequantize_triton(packed, state, dtype), handles)
+TRITON = Backend("triton", dequantize_triton, handles)
 register_backend(TRITON)

@@ -121,7 +121,7 @@ def guard_save_pretrained(module: nn.Module) -> None:
 
 # ---------------------------------------------------------------- the original README's function
 def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_lora: bool = True,
-                   use_qlora: bool = True, *, rslora: bool = False, double_quant: bool = True,
+                   use_qlora: bool = True, *, rslora: bool = False, double_quant: bool | None = None,
                    compress_statistics: bool | None = None, compute_dtype=None, quant_type: str = "nf4",
                    blocksize: int = 64, use_dora: bool = False, freeze: bool = True) -> nn.Module:
     """Replace the ``nn.Linear`` layers named in ``mlp_layers`` by ``Qlora_4_bit`` layers; return ``module``.
@@ -134,8 +134,8 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
     * With ``freeze=True`` (default) every parameter except the LoRA matrices is frozen, embeddings
       and norms included.
     The other keywords go to ``Qlora_4_bit`` (``compute_dtype=None``: the device helper's dtype;
-    ``double_quant=False`` keeps the block scales in float32, ``compress_statistics`` is bitsandbytes'
-    name for it; ``quant_type="int8"`` for an 8-bit LLM.int8 base; ``use_dora=True`` for DoRA).
+    ``double_quant`` defaults to True, and False keeps the block scales in float32; ``compress_statistics``
+    is bitsandbytes' name for it; ``quant_type="int8"`` for an 8-bit LLM.int8 base; ``use_dora=True`` for DoRA).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")

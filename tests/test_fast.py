@@ -28,13 +28,15 @@ def test_the_4bit_base_equals_bitsandbytes_forward_and_backward(double_quant):
     """Our 4-bit base (the book's MatMul4bit) against bitsandbytes' own Linear4bit.forward on the same
     module, outputs and input gradients. On CUDA with 2048 tokens both dequantize and call the same
     matmul: equal to the bit, as on the CPU."""
+    from qlora_tutorial.matmul4bit import MatMul4bit
+
     base = layer(double_quant=double_quant).quant_nn
     x = torch.randn(2, 1024, 256, device=DEVICE, dtype=DTYPE, requires_grad=True)
     ref = bnb.nn.Linear4bit.forward(base, x)
     ref.float().square().sum().backward()
     grad_ref, x.grad = x.grad, None
     out = base(x)
-    assert type(out.grad_fn).__name__ == "ToCopyBackward0" or "MatMul4bit" in type(out.grad_fn).__name__
+    assert isinstance(out.grad_fn, MatMul4bit._backward_cls)  # the book's Function, not bitsandbytes'
     out.float().square().sum().backward()
     assert torch.equal(out, ref) and torch.equal(x.grad, grad_ref)
 
@@ -73,17 +75,24 @@ def test_compiled_layer_keeps_no_dense_weight_for_the_backward(nested):
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    q = layer(compress_statistics=nested)
-    saved = []
+    q = layer(double_quant=nested)
+    saved, ops = [], {}
+
+    def ops_of(gm):
+        return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "qlora_tutorial" in str(n.target)]
 
     def forward_compiler(gm, example_inputs):
         (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
         saved.extend((tuple(o.meta["val"].shape), o.meta["val"].dtype) for o in outputs[1:])
+        ops["forward"] = ops_of(gm)
+        return gm.forward
+
+    def backward_compiler(gm, example_inputs):
+        ops["backward"] = ops_of(gm)
         return gm.forward
 
     def backend(gm, example_inputs):
-        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
-                                     bw_compiler=lambda gm, _: gm.forward,
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=backward_compiler,
                                      partition_fn=min_cut_rematerialization_partition)
 
     torch._dynamo.reset()
@@ -94,6 +103,9 @@ def test_compiled_layer_keeps_no_dense_weight_for_the_backward(nested):
     assert not dense, f"the compiled forward keeps the dequantized weight for the backward: {saved}"
     # what it keeps instead: the packed bytes, half a byte per weight
     assert any(dtype == torch.uint8 and torch.Size(shape).numel() == 192 * 256 // 2 for shape, dtype in saved), saved
+    # the compiled layer is MatMul4bit's: one dequantization each way, through its two operators
+    assert ops == {"forward": ["qlora_tutorial.dequantize_4bit.default"],
+                   "backward": ["qlora_tutorial.dequantize_4bit_again.default"]}, ops
 
 
 def test_eager_matmul_dequantizes_without_the_operator_dispatch(monkeypatch):

@@ -93,7 +93,7 @@ def test_set_quant_storage_refuses_before_changing_anything():
     with pytest.raises(ValueError, match="no bitsandbytes Linear4bit"):
         fsdp.set_quant_storage(torch.nn.Linear(64, 64), torch.float32)
     with pytest.raises(ValueError, match="stored as torch.float32.*set_quant_storage"):
-        fsdp.check_shardable(model, torch.bfloat16, CPU)
+        fsdp.check_shardable(model, torch.bfloat16)
 
 
 @pytest.mark.slow

@@ -64,12 +64,13 @@ def test_qlora_defaults_to_double_quantization(linear):
     for off in (dict(double_quant=False), dict(compress_statistics=False)):  # bitsandbytes' name works too
         layer = Qlora_4_bit.from_linear(copy.deepcopy(linear), 4, 2, **off)
         assert not layer.quant_nn.weight.quant_state.nested and layer.settings()["double_quant"] is False
-    with pytest.raises(ValueError, match="the same setting"):
-        Qlora_4_bit.from_linear(copy.deepcopy(linear), 4, 2, double_quant=False, compress_statistics=True)
+    for both in (dict(double_quant=False, compress_statistics=True), dict(double_quant=True, compress_statistics=False)):
+        with pytest.raises(ValueError, match="the same setting"):
+            Qlora_4_bit.from_linear(copy.deepcopy(linear), 4, 2, **both)
 
 
 def test_double_quantization_and_fp4_options(linear):
-    layer = Qlora_4_bit.from_linear(linear, alpha=4, r=2, compress_statistics=True, quant_type="fp4")
+    layer = Qlora_4_bit.from_linear(linear, alpha=4, r=2, double_quant=True, quant_type="fp4")
     state = layer.quant_nn.weight.quant_state
     assert state.nested and state.quant_type == "fp4"
     packed, ref = bnbF.quantize_4bit(linear.weight.data, compress_statistics=True, quant_type="fp4")
@@ -235,12 +236,21 @@ def test_moves_to_cuda_and_computes_the_same(linear):
     torch.testing.assert_close(layer(x.cuda()).detach().cpu(), y_cpu, rtol=1e-4, atol=1e-4)
 
 
+def test_a_layer_loaded_alone_names_itself_in_state_dict_errors(linear):
+    layer = Qlora_4_bit.from_linear(copy.deepcopy(linear), alpha=4, r=2)
+    state = Qlora_4_bit.from_linear(copy.deepcopy(linear), alpha=4, r=2, blocksize=128).state_dict()
+    with pytest.raises(RuntimeError, match=r"Qlora_4_bit\(128 -> 96\): the saved weight has .*128"):
+        layer.load_state_dict(state)
+
+
 def test_meta_device_builds_without_quantizing():
     with torch.device("meta"):
         lin = nn.Linear(IN, OUT)
     layer = Qlora_4_bit.from_linear(lin, alpha=4, r=2)
     assert layer.W_a.device.type == "meta" and not layer.is_quantized
     assert layer.quant_nn.weight.shape == (OUT, IN)
+    with pytest.raises(RuntimeError, match=r"Qlora_4_bit\(128 -> 96\): its 4-bit weight is not quantized yet"):
+        layer(torch.empty(2, IN, device="meta"))
 
 
 # ---------------------------------------------------------------- bad input
@@ -293,7 +303,7 @@ def test_rows_that_split_a_block_are_exact_on_cpu(in_features, blocksize, double
     torch.manual_seed(0)
     lin = nn.Linear(in_features, 24)
     layer = Qlora_4_bit.from_linear(copy.deepcopy(lin), alpha=4, r=2, blocksize=blocksize,
-                                    compress_statistics=double_quant)
+                                    double_quant=double_quant)
     randomize_adapters(layer)
     packed, state = quantize_nf4(lin.weight.data, blocksize=blocksize, double_quant=double_quant)
     exact = dequantize_nf4(packed, state)

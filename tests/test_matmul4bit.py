@@ -6,6 +6,7 @@ import torch
 
 from qlora_tutorial import Qlora_4_bit
 from qlora_tutorial import matmul4bit as mm
+from qlora_tutorial import nf4_triton  # registers the Triton kernel as a backend (NF4 on CUDA)
 from qlora_tutorial.matmul4bit import MatMul4bit, matmul_4bit, saved_tensors
 from qlora_tutorial.nf4 import State4bit, as_state, dequantize_nf4, quantize_nf4
 
@@ -112,14 +113,21 @@ def test_bad_input_is_named():
 # ---------------------------------------------------------------- the backends, picked in one place
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_backend_gives_bitsandbytes_bytes(device, double_quant, dtype):
-    """The weight the Function multiplies with is bitsandbytes' dequantization, whichever backend makes it."""
-    packed, bnb_state = quantized(double_quant=double_quant, device=device)
+@pytest.mark.parametrize("out_features, in_features", [(96, 128), (1, 2), (3, 64)])
+def test_every_backend_gives_bitsandbytes_bytes(device, double_quant, quant_type, dtype, out_features, in_features):
+    """The weight the Function multiplies with is bitsandbytes' dequantization, whichever backend makes it
+    (a one-byte weight included: bitsandbytes returns that one transposed)."""
+    packed, bnb_state = quantized(out_features, in_features, double_quant, quant_type, device)
     state = as_state(bnb_state)
-    expected = bnbF.dequantize_4bit(packed, bnb_state).to(dtype)
+    expected = bnbF.dequantize_4bit(packed.reshape(-1, 1), bnb_state)
+    expected = (expected.t() if packed.numel() == 1 else expected).to(dtype)
+    assert expected.shape == (out_features, in_features)
     names = [b.name for b in mm.BACKENDS if b.handles(packed, state)]
-    assert "reference" in names and "bitsandbytes" in names
+    assert "reference" in names  # and bitsandbytes wherever its kernel is right: not CPU rows that split a block
+    assert ("bitsandbytes" in names) == (device == "cuda" or in_features % 64 == 0)
+    assert ("triton" in names) == (device == "cuda" and quant_type == "nf4" and nf4_triton.triton_available())
     for name in names:
         with mm.use_backend(name):
             assert torch.equal(mm.dequantize(packed, state, dtype), expected), name
@@ -137,9 +145,9 @@ def test_pick_backend_is_the_one_choice():
     with pytest.raises(ValueError, match="no 4-bit backend named 'cutlass'.*reference"):
         with mm.use_backend("cutlass"):
             pass
+    with mm.use_backend("bitsandbytes"), pytest.raises(ValueError, match="'bitsandbytes'.*cannot dequantize"):
+        mm.dequantize(split, as_state(split_state))  # a backend that would give wrong numbers is refused
     # the Triton kernel (registered when qlora_tutorial.nf4_triton is imported) takes NF4 weights on CUDA only
-    from qlora_tutorial import nf4_triton
-
     assert mm.BACKENDS[0] is nf4_triton.TRITON
     assert not nf4_triton.handles(aligned, as_state(aligned_state))  # a CPU tensor
 

@@ -17,14 +17,16 @@ from qlora_tutorial.nf4 import dequantize_nf4, quantize_nf4
 
 from .helpers import MLP, assert_unchanged, fails_and_changes_nothing, logits, snapshot, trained
 
+pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")
+
 # ---------------------------------------------------------------- 1. whole-model persistence
-@pytest.mark.parametrize("compress_statistics, quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
-def test_state_dict_round_trip_strict_is_bit_exact(compress_statistics, quant_type):
+@pytest.mark.parametrize("double_quant, quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
+def test_state_dict_round_trip_strict_is_bit_exact(double_quant, quant_type):
     """Case 1a: load_state_dict(strict=True) into a freshly quantized model used to fail on the quant-state keys."""
-    model = trained("all", compress_statistics=compress_statistics, quant_type=quant_type)
+    model = trained("all", double_quant=double_quant, quant_type=quant_type)
     state = model.state_dict()
     assert any(k.endswith("quant_nn.weight.absmax") for k in state)
-    fresh = quantize_model(tiny_llama(seed=1), "all", alpha=8, r=4, compress_statistics=compress_statistics,
+    fresh = quantize_model(tiny_llama(seed=1), "all", alpha=8, r=4, double_quant=double_quant,
                            quant_type=quant_type).eval()
     assert not torch.equal(logits(fresh), logits(model))
     keys = list(state)
@@ -71,9 +73,9 @@ def test_save_pretrained_refuses_and_says_what_to_do(tmp_path):
     assert torch.equal(logits(back), logits(merged))
 
 
-@pytest.mark.parametrize("compress_statistics", [False, True])
-def test_save_quantized_load_quantized_is_bit_exact(tmp_path, compress_statistics):
-    model = trained("all", compress_statistics=compress_statistics)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_save_quantized_load_quantized_is_bit_exact(tmp_path, double_quant):
+    model = trained("all", double_quant=double_quant)
     quantize_model(model, ["lm_head"], alpha=2, r=1, require_lora=False, blocksize=128)  # other settings too
     adapters.save_quantized(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quantized.json", "quantized.safetensors"]

@@ -22,7 +22,7 @@ def test_cuda_layer_is_exact(in_features, blocksize, double_quant):
     lin = nn.Linear(in_features, 24)
     packed, state = quantize_nf4(lin.weight.data, blocksize=blocksize, double_quant=double_quant)
     exact = dequantize_nf4(packed, state)
-    layer = Qlora_4_bit.from_linear(lin.cuda(), 4, 2, blocksize=blocksize, compress_statistics=double_quant,
+    layer = Qlora_4_bit.from_linear(lin.cuda(), 4, 2, blocksize=blocksize, double_quant=double_quant,
                                     compute_dtype=torch.float32)
     with torch.no_grad():
         layer.W_b.normal_()
@@ -49,11 +49,11 @@ def test_cuda_input_checks():
         layer(torch.ones(3, 128, dtype=torch.long, device="cuda"))
 
 
-@pytest.mark.parametrize("compress_statistics", [False, True])
-def test_cuda_state_dict_and_save_quantized_round_trips(compress_statistics):
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cuda_state_dict_and_save_quantized_round_trips(double_quant):
     def wrapped(seed):
         return quantize_model(tiny_llama(seed=seed).cuda(), "all", alpha=8, r=4, compute_dtype=torch.bfloat16,
-                              compress_statistics=compress_statistics).eval()
+                              double_quant=double_quant).eval()
 
     model = wrapped(0)
     with torch.no_grad():

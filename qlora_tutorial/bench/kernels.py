@@ -113,18 +113,14 @@ def triton_variants(name: str, op_label: str, inputs, dtype: torch.dtype, config
     """Our Triton kernel as benchmark variants: launched directly at each tile of ``configs`` (packed
     bytes per program, warps), then through the custom operator at the default tiles."""
     from .. import nf4_triton
-    from ..matmul4bit import dequantize, use_backend
+    from ..matmul4bit import dequantize
 
     out = [(f"{name} (nf4_triton, {nbytes} bytes x {warps} warps)",
             lambda p, s, nb=nbytes, w=warps: nf4_triton.dequantize_triton(
                 p, as_state(s), dtype, bytes_per_program=nb, num_warps=w), inputs)
            for nbytes, warps in configs]
-
-    def through_operator(p, s):
-        with use_backend("triton"):
-            return dequantize(p, as_state(s), dtype, operator=True)
-
-    out.append((f"{name} ({op_label})", through_operator, inputs))
+    # the 4-bit matmul's operator (what torch.compile calls), which picks the Triton kernel for NF4 on CUDA
+    out.append((f"{name} ({op_label})", lambda p, s: dequantize(p, as_state(s), dtype, operator=True), inputs))
     return out
 
 
