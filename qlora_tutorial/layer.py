@@ -91,16 +91,24 @@ def check_quant_settings(quant_type, blocksize, name: str) -> None:
 
 
 def check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, name: str,
-                           use_qlora: bool = True) -> None:
-    """Settings that only some modes use: DoRA needs the LoRA matrices; an 8-bit base has neither a
-    blocksize (one scale per row) nor a compute dtype (``Linear8bitLt`` computes in the input's), and
-    needs ``use_qlora=True`` (it is a quantized base)."""
+                           use_qlora: bool = True, double_quant=None) -> None:
+    """Settings that only some modes use, refused where they would be ignored: DoRA needs the LoRA
+    matrices; the quantization settings need a quantized base (``use_qlora=True``); an 8-bit base has
+    neither a blocksize (one scale per row) nor a compute dtype (``Linear8bitLt`` computes in the input's)."""
     if use_dora and not require_lora:
         raise ValueError(f"{name}: use_dora=True needs the LoRA matrices (require_lora=True): DoRA rescales "
                          "W0 + s * dW, and without an adapter there is nothing to train")
     if quant_type == "int8" and not use_qlora:
         raise ValueError(f"{name}: quant_type='int8' asks for an 8-bit base, but use_qlora=False keeps the base "
                          "unquantized; use use_qlora=True for the 8-bit base, or leave quant_type out for LoRA")
+    if not use_qlora:
+        given = {k: v for k, v in (("quant_type", None if quant_type == "nf4" else quant_type),
+                                   ("blocksize", None if blocksize == 64 else blocksize),
+                                   ("double_quant", double_quant), ("compute_dtype", compute_dtype)) if v is not None}
+        if given:
+            detail = ", ".join(f"{k}={v!r}" for k, v in given.items())
+            raise ValueError(f"{name}: use_qlora=False keeps the base unquantized, in its own dtype, so {detail} "
+                             "would change nothing; leave it out, or use use_qlora=True for a quantized base")
     if quant_type == "int8" and (blocksize != 64 or compute_dtype is not None):
         raise ValueError(f"{name}: quant_type='int8' (LLM.int8) has one scale per row and computes in the input's "
                          f"dtype; blocksize={blocksize!r} and compute_dtype={compute_dtype!r} apply to 4-bit bases "
@@ -118,8 +126,9 @@ def resolve_double_quant(double_quant, compress_statistics, name: str) -> bool:
     return bool(compress_statistics)
 
 
-def check_weight_to_wrap(linear: nn.Linear, name: str, use_qlora: bool) -> None:
-    """A weight Qlora_4_bit can hold: floating point, a dtype bitsandbytes quantizes, finite."""
+def check_weight_to_wrap(linear: nn.Linear, name: str, use_qlora: bool, quant_type: str = "nf4") -> None:
+    """A weight Qlora_4_bit can hold: floating point, a dtype bitsandbytes quantizes, finite, and for an
+    8-bit base within float16's range."""
     weight = linear.weight
     if not weight.is_floating_point():
         raise ValueError(f"{name}: the weight is {weight.dtype}, not floating point; load the model in "
@@ -133,6 +142,13 @@ def check_weight_to_wrap(linear: nn.Linear, name: str, use_qlora: bool) -> None:
         raise ValueError(f"{name}: the weight has NaN or inf entries (the first at index {bad}); quantizing them "
                          "would spread them over a whole block of weights. Load finite weights (is the "
                          "checkpoint damaged, or did an earlier training run diverge?)")
+    if use_qlora and quant_type == "int8" and weight.device.type != "meta":
+        largest = weight.detach().abs().max().item()
+        if largest > torch.finfo(torch.float16).max:
+            raise ValueError(f"{name}: the weight has entries beyond float16's range (largest magnitude {largest:.3g}), "
+                             "and quant_type='int8' (bitsandbytes' LLM.int8) rounds the weight to float16 before "
+                             "quantizing it: they would become inf, and the outputs NaN. Use a 4-bit base "
+                             "(quant_type='nf4'), whose block scales stay in float32, or scale the weights down")
 
 
 # ---------------------------------------------------------------- the frozen bases
@@ -230,9 +246,15 @@ class Base4bit(bnb.nn.Linear4bit):
         return dequantize(self.packed(), self.state())
 
     def settings(self) -> dict:
-        w = self.weight
-        return {"quant_type": w.quant_type, "blocksize": w.blocksize, "double_quant": bool(w.compress_statistics),
-                "compute_dtype": self.compute_dtype}
+        # from the quantization state, which the module keeps too (FSDP shards the weight into a plain
+        # tensor); on meta, where nothing is quantized yet, from the weight's settings
+        state = getattr(self.weight, "quant_state", None) or getattr(self, "quant_state", None)
+        if state is not None:
+            settings = {"quant_type": state.quant_type, "blocksize": state.blocksize, "double_quant": state.nested}
+        else:
+            w = self.weight
+            settings = {"quant_type": w.quant_type, "blocksize": w.blocksize, "double_quant": bool(w.compress_statistics)}
+        return {**settings, "compute_dtype": self.compute_dtype}
 
     # bitsandbytes writes a 4-bit weight into the state dict as the packed bytes ("weight") plus its
     # quantization state ("weight.absmax", ".quant_map", ".quant_state.bitsandbytes__nf4", and with
@@ -259,12 +281,15 @@ class Base4bit(bnb.nn.Linear4bit):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _load_4bit(self, packed: torch.Tensor, stats: dict) -> None:
-        """Replace the 4-bit weight by ``packed`` with the quantization state in ``stats`` (checked first)."""
+    def check_saved(self, packed: torch.Tensor, stats: dict) -> None:
+        """Raise a ValueError unless ``packed`` and ``stats`` (this weight's entries of a state dict, without
+        their prefix) are a 4-bit weight this base can load: a readable quantization state with this base's
+        settings and shape, and bytes that hold it."""
         try:
             state = bnbF.QuantState.from_dict(dict(stats), device="cpu")
-        except (ValueError, KeyError, AssertionError) as e:
-            raise ValueError(f"its 4-bit quantization state cannot be read ({e})") from None
+        except Exception as e:  # whatever a damaged entry makes bitsandbytes raise
+            raise ValueError(f"its 4-bit quantization state cannot be read ({type(e).__name__}: {e}); the file "
+                             "is damaged, or was not written by state_dict() of a quantized model") from None
         have = (self.weight.quant_type, self.weight.blocksize, bool(self.weight.compress_statistics))
         want = (state.quant_type, state.blocksize, state.nested)
         if have != want:
@@ -276,6 +301,10 @@ class Base4bit(bnb.nn.Linear4bit):
         if packed.dtype != torch.uint8 or packed.numel() * 2 < state.shape.numel():
             raise ValueError(f"the packed weight is {packed.dtype} {tuple(packed.shape)}, which does not hold "
                              f"{state.shape.numel()} 4-bit values")
+
+    def _load_4bit(self, packed: torch.Tensor, stats: dict) -> None:
+        """Replace the 4-bit weight by ``packed`` with the quantization state in ``stats`` (checked first)."""
+        self.check_saved(packed, stats)
         device = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
         self.weight = bnb.nn.Params4bit.from_prequantized(packed.detach().clone(), dict(stats), requires_grad=False,
                                                           device=device, module=self)
@@ -288,6 +317,12 @@ class Base8bit(bnb.nn.Linear8bitLt):
     its row), with the row's absmax in float32. The forward (bitsandbytes') quantizes the input
     row-wise too, except the feature columns holding an outlier above ``threshold`` (6.0), which it
     multiplies in 16 bits: the "mixed-precision decomposition".
+
+    bitsandbytes 0.50 computes differently on a CPU in the two modes: in training mode it multiplies by
+    the dequantized weight, in eval mode it quantizes the input as well. This base keeps the training
+    path in both modes (on CUDA both modes take the LLM.int8 path anyway), so a model gives the same
+    outputs after ``.eval()``. Its forward also leaves the bias as it is: bitsandbytes' own forward
+    converts the stored bias to the input's dtype for good.
     """
 
     source_dtype = torch.float32  # the dtype the weight had (the int8 codes do not remember it); set by quantize
@@ -306,6 +341,16 @@ class Base8bit(bnb.nn.Linear8bitLt):
             base.to(weight.device)  # bitsandbytes quantizes an Int8Params when it is moved to a device
         base.source_dtype = weight.dtype  # the int8 codes do not remember it
         return base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.state.is_training = True  # one path in both modes (see the class's docstring)
+        if self.weight.CB is not None:  # the codes move to the matmul state at the first forward
+            self.init_8bit_state()
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = bnb.matmul(x, self.weight, bias=bias, state=self.state)
+        if self.state.CB is not None:  # has_fp16_weights=False: the weight keeps holding the codes
+            self.weight.data = self.state.CB
+        return out
 
     def row_scales(self) -> torch.Tensor:
         """The float32 scale of each weight row (its absmax): kept on the weight until the first
@@ -371,7 +416,8 @@ class Qlora_4_bit(nn.Module):
         check_features(in_features, out_features, where)
         check_rank_alpha(r, alpha)
         check_quant_settings(quant_type, blocksize, where)
-        check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, where, bool(use_qlora))
+        check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, where, bool(use_qlora),
+                               double_quant if compress_statistics is None else compress_statistics)
         double_quant = resolve_double_quant(double_quant, compress_statistics, where)
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"{where}: dtype must be a floating-point dtype, got {dtype}")
@@ -381,7 +427,7 @@ class Qlora_4_bit(nn.Module):
         if (linear.in_features, linear.out_features) != (in_features, out_features):
             raise ValueError(f"{where}: linear is {linear.in_features} -> {linear.out_features}, "
                              f"but in_features={in_features}, out_features={out_features} were given")
-        check_weight_to_wrap(linear, where, bool(use_qlora))
+        check_weight_to_wrap(linear, where, bool(use_qlora), quant_type)
         weight = linear.weight
 
         self.name = name

@@ -300,6 +300,8 @@ def prepare_for(mode: str, r: int = 16, alpha: float = 32, dtype: torch.dtype = 
             return model
         from .quantize import quantize_model
 
-        return quantize_model(model, "all", alpha, r, use_qlora=(mode == "qlora"), compute_dtype=dtype)
+        if mode == "lora":  # the base stays as it is, in its own dtype
+            return quantize_model(model, "all", alpha, r, use_qlora=False)
+        return quantize_model(model, "all", alpha, r, compute_dtype=dtype)
 
     return prepare

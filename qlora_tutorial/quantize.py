@@ -142,8 +142,8 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
     check_rank_alpha(r, alpha)
     check_quant_settings(quant_type, blocksize, "quantize_model")
     check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, "quantize_model",
-                           bool(use_qlora))
-    double_quant = resolve_double_quant(double_quant, compress_statistics, "quantize_model")
+                           bool(use_qlora), double_quant if compress_statistics is None else compress_statistics)
+    double_quant = resolve_double_quant(double_quant, compress_statistics, "quantize_model") if use_qlora else None
     targets = resolve_target_names(mlp_layers)
     _check_not_prequantized(module)
     settings = dict(alpha=alpha, r=r, require_lora=bool(require_lora), use_qlora=bool(use_qlora), rslora=rslora,
@@ -175,7 +175,7 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
             raise ValueError(f"{qualified}.weight is shared with another layer (tied embeddings); wrapping it "
                              "would untie them. Leave it out of mlp_layers (LoRA rarely targets lm_head).")
         check_features(child.in_features, child.out_features, qualified)
-        check_weight_to_wrap(child, qualified, bool(use_qlora))
+        check_weight_to_wrap(child, qualified, bool(use_qlora), quant_type)
         to_wrap.append((parent, name, qualified, child))
 
     missing = [t for t, hits in matched.items() if not hits]
@@ -190,7 +190,8 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
             compute_dtype=compute_dtype, quant_type=quant_type, blocksize=blocksize, use_dora=use_dora,
             name=qualified))
             for parent, name, qualified, child in to_wrap]
-        for parent, name, layer in built:
+        for (parent, name, layer), (_, _, _, child) in zip(built, to_wrap):
+            layer.train(child.training)  # a model in eval mode gets layers in eval mode
             setattr(parent, name, layer)
         if freeze:
             freeze_non_lora(module)

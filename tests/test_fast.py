@@ -17,7 +17,9 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 def layer(use_qlora=True, seed=0, **kw):
     torch.manual_seed(seed)
     lin = torch.nn.Linear(256, 192).to(DEVICE, DTYPE)
-    q = Qlora_4_bit.from_linear(lin, 16, 8, use_qlora=use_qlora, compute_dtype=DTYPE, **kw)
+    if use_qlora:
+        kw["compute_dtype"] = DTYPE
+    q = Qlora_4_bit.from_linear(lin, 16, 8, use_qlora=use_qlora, **kw)
     with torch.no_grad():
         q.W_b.normal_()  # B = 0 at init would hide the LoRA branch
     return q

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..layer import Base4bit
 from ..quantize import quantize_model, unchanged_on_error, wrapped_layers
 from .folder import FORMAT_VERSION, read_folder, write_folder
 from .ours import _list, base_model_id
@@ -40,9 +41,14 @@ def save_quantized(model: nn.Module, path) -> Path:
                          "(transformers) or safetensors.torch.save_model")
     for settings in layers.values():
         settings.pop("compute_dtype", None)  # a choice for the device it runs on, not part of the weights
+    # packed 4-bit bytes go into the file as bytes, whatever element type they are kept in (FSDP keeps
+    # them as the model's dtype: fsdp.set_quant_storage), so that any fresh model can load them
+    packed_keys = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Base4bit) and m.is_quantized}
     tensors, aliases, storages = {}, {}, {}
     for key, value in model.state_dict().items():
         value = value.detach()
+        if key in packed_keys and value.dtype != torch.uint8:
+            value = value.reshape(-1).view(torch.uint8).unsqueeze(1)
         place = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
         if value.numel() and place in storages:  # the same tensor under a second name (tied weights)
             aliases[key] = storages[place]
@@ -60,6 +66,17 @@ def read_quantized(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, state dict) from a folder written by ``save_quantized``; tied names filled in."""
     config, tensors = read_folder(path, QUANTIZED_CONFIG_FILE, QUANTIZED_WEIGHTS_FILE, fmt=QUANTIZED_FORMAT,
                                   what="folder", hint="save_quantized writes both.")
+    layers = config.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{QUANTIZED_CONFIG_FILE} lacks the field 'layers' (how each layer was wrapped): the file "
+                         "is damaged, or was not written by save_quantized")
+    for name, settings in layers.items():
+        for key in ("alpha", "r"):
+            if not isinstance(settings, dict) or key not in settings:
+                raise ValueError(f"{QUANTIZED_CONFIG_FILE}: layer {name} lacks {key!r}; the file is damaged")
+    if not isinstance(config.get("aliases", {}), dict) or not all(
+            key in tensors for key in config.get("aliases", {}).values()):
+        raise ValueError(f"{QUANTIZED_CONFIG_FILE}: its 'aliases' name tensors the file does not hold")
     for alias, key in config.get("aliases", {}).items():
         tensors[alias] = tensors[key]
     return config, tensors
@@ -94,12 +111,16 @@ def load_quantized(model_or_config, path) -> nn.Module:
         if extra:
             raise ValueError(f"the model has Qlora_4_bit layers the file does not hold: {_list(extra)}; "
                              "load into a plain model")
-        _check_state_fits(model.state_dict(), tensors)
+        _check_state_fits(model, tensors)
         model.load_state_dict(tensors, strict=True)
     return model
 
 
-def _check_state_fits(expected: dict, tensors: dict) -> None:
+def _check_state_fits(model: nn.Module, tensors: dict) -> None:
+    """The whole file against the model, before anything is copied: the keys, the shape, dtype and
+    values of every tensor, and every 4-bit weight's quantization state (readable, with the layer's
+    settings and shape)."""
+    expected = model.state_dict()
     missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
     if missing or unexpected:
         parts = ([f"missing from the file: {_list(missing)}"] if missing else []) + (
@@ -111,3 +132,19 @@ def _check_state_fits(expected: dict, tensors: dict) -> None:
              if ".quant_state.bitsandbytes__" not in k and tuple(tensors[k].shape) != tuple(v.shape)]
     if wrong:
         raise ValueError(f"shapes differ between the file and the model: {_list(wrong, 3)}; another model size?")
+    wrong = [f"{k} is {tensors[k].dtype} in the file, {v.dtype} in the model" for k, v in expected.items()
+             if tensors[k].dtype != v.dtype]
+    if wrong:
+        raise ValueError(f"dtypes differ between the file and the model: {_list(wrong, 3)}; the file is damaged, "
+                         "or was written from a model of other dtypes")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{_list(bad, 3)} holds NaN or inf values; the file is damaged (or saved from a diverged run)")
+    for name, module in model.named_modules():
+        if isinstance(module, Base4bit):
+            prefix = f"{name}.weight."
+            stats = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+            try:
+                module.check_saved(tensors[f"{name}.weight"], stats)
+            except ValueError as e:
+                raise ValueError(f"{name.removesuffix('.quant_nn')}: {e}") from None

@@ -13,7 +13,7 @@ import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 
-from ..layer import Qlora_4_bit
+from ..layer import Base8bit, Qlora_4_bit
 from ..matmul4bit import dequantize
 from ..nf4 import as_state, unpack_4bit
 from ..quantize import guard_save_pretrained, unchanged_on_error
@@ -39,7 +39,7 @@ def merged_linear(layer: Qlora_4_bit, dtype: torch.dtype | None = None) -> nn.Li
         if layer.bias is not None:
             linear.bias.copy_(layer.bias.detach().to(dtype))
     linear.requires_grad_(False)
-    return linear
+    return linear.train(layer.training)
 
 
 def merge(model: nn.Module, requantize: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
@@ -61,8 +61,8 @@ def merge(model: nn.Module, requantize: bool = False, dtype: torch.dtype | None 
         linear = merged_linear(layer, dtype)
         if requantize:
             # the same kind of base (a LoRA layer's dense base gets the default, NF4)
-            merged[name] = Qlora_4_bit.from_linear(linear, layer.alpha, layer.r, require_lora=False,
-                                                   use_qlora=True, name=name, **layer.quant_nn.settings())
+            merged[name] = Qlora_4_bit.from_linear(linear, layer.alpha, layer.r, require_lora=False, use_qlora=True,
+                                                   name=name, **layer.quant_nn.settings()).train(layer.training)
         else:
             merged[name] = linear
     with unchanged_on_error(model):
@@ -78,8 +78,9 @@ def merge_errors(model: nn.Module, dtypes=(torch.float16, torch.bfloat16)) -> li
     """How far each way of merging lands from the weight the adapted layer really computes with.
 
     For every LoRA layer: ``delta`` = ||s (W_a W_b)^T||_F (the adapter's update), and for each way of
-    storing the merged weight W = W0 + update (each dtype in ``dtypes``, and "nf4": quantized again with
-    the layer's quant type and blocksize) the Frobenius norm and max abs of the error, and the error
+    storing the merged weight W = W0 + update (each dtype in ``dtypes``, and quantized again: "int8" for
+    an 8-bit base, else "nf4" or "fp4", the layer's quant type and blocksize, or NF4 for a dense
+    base) the Frobenius norm and max abs of the error, and the error
     relative to the update (1.0 = an error as large as everything the adapter changed). For a QLoRA
     layer also ``codes_changed``: the share of its 4-bit codes that requantizing would change.
     """
@@ -91,10 +92,14 @@ def merge_errors(model: nn.Module, dtypes=(torch.float16, torch.bfloat16)) -> li
         stored = {str(d).replace("torch.", ""): exact.to(d).float() for d in dtypes}
         settings = layer.quant_nn.settings()
         quant_type = settings.get("quant_type", "nf4")
-        quant_type = "nf4" if quant_type == "int8" else quant_type
-        packed, state = bnbF.quantize_4bit(exact.contiguous(), blocksize=settings.get("blocksize", 64),
-                                           quant_type=quant_type)
-        stored[quant_type] = dequantize(packed, as_state(state)).float()
+        if quant_type == "int8":  # what merge(requantize=True) stores for an 8-bit base
+            holder = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+            holder.weight = nn.Parameter(exact, requires_grad=False)
+            stored["int8"] = Base8bit.quantize(holder).dense_weight().float()
+        else:
+            packed, state = bnbF.quantize_4bit(exact.contiguous(), blocksize=settings.get("blocksize", 64),
+                                               quant_type=quant_type)
+            stored[quant_type] = dequantize(packed, as_state(state)).float()
         if layer.is_quantized:
             # Which 4-bit codes the requantized weight changes (two codes per byte: high, low nibble).
             ours = layer.quant_nn.packed()

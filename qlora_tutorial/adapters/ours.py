@@ -3,7 +3,8 @@
 A fine-tuned ``Qlora_4_bit`` model differs from its base only in the ``W_a``/``W_b`` pairs, so that
 is all ``save_adapter`` stores, in two files: ``adapter.safetensors`` (the tensors, named
 ``<layer>.W_a`` / ``<layer>.W_b``, and for DoRA ``<layer>.magnitude``) and ``adapter.json`` (r,
-alpha, rsLoRA, mode, the wrapped layers, the base model's id, and ``"use_dora": true`` for DoRA).
+alpha, rsLoRA, mode, the frozen base's kind and settings, the wrapped layers, the base model's id, and
+``"use_dora": true`` for DoRA).
 The round trip is bit-exact, and ``load_adapter`` checks every key, shape and value before it copies
 anything: nothing is left at its initial value without an error, and a failed call leaves the model
 as it was.
@@ -67,15 +68,29 @@ def base_model_id(model: nn.Module) -> str | None:
     return name
 
 
+def base_settings(layer: Qlora_4_bit) -> dict:
+    """The frozen base's kind and settings, as a file records them: {} for a dense base, {"quant_type":
+    "int8"}, or the 4-bit quant_type, blocksize and double_quant (the compute dtype is a choice of the
+    device that runs it, not of the weights)."""
+    settings = layer.quant_nn.settings()
+    settings.pop("compute_dtype", None)
+    return settings
+
+
 def adapter_config(model: nn.Module) -> dict:
     """The JSON config ``save_adapter`` writes: what is needed to rebuild the layers the weights fit."""
     layers = lora_layers(model)
     use_qlora = _shared_setting(layers, "use_qlora")
     dora = {"use_dora": True} if _shared_setting(layers, "use_dora") else {}
+    bases = {json.dumps(base_settings(layer), sort_keys=True) for layer in layers.values()}
+    if len(bases) != 1:
+        raise ValueError(f"the LoRA layers do not share one kind of base ({sorted(bases)}); an adapter file holds "
+                         "one setting for all layers. Wrap all layers with the same quantize_model call.")
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "base_model": base_model_id(model),
         "mode": "qlora" if use_qlora else "lora",
+        "base": json.loads(bases.pop()),
         "r": _shared_setting(layers, "r"),
         "alpha": _shared_setting(layers, "alpha"),
         "rslora": _shared_setting(layers, "rslora"),
@@ -153,19 +168,26 @@ def load_adapter(model: nn.Module, path, use_qlora: bool | None = None) -> nn.Mo
     """Load an adapter saved by ``save_adapter`` into ``model``; return the model.
 
     A plain model (no ``Qlora_4_bit`` layers yet) is first wrapped as the config says: the same
-    targets, r, alpha and rsLoRA, in the saved mode (``use_qlora=None``) or the one asked for. A model
-    already wrapped must have exactly the saved layers, with the same rank and scale. Missing or
-    unexpected tensors, another rank, another shape or another scale raise an error, so no LoRA
-    matrix is ever left at its initial value by accident.
+    targets, r, alpha and rsLoRA, in the saved mode with the saved base (``use_qlora=None``), or in the
+    mode asked for (``use_qlora=False``: the adapter on the unquantized weights). A model already
+    wrapped must have exactly the saved layers, with the same rank and scale, and, if it is quantized as
+    the adapter's base was, the same kind of base with the same settings. Missing or unexpected
+    tensors, another rank, shape, scale or base raise an error, so no LoRA matrix is ever left at its
+    initial value by accident, and no adapter runs on another base than the one it was trained on
+    unless asked to.
     """
     config, tensors = read_adapter(path)
+    saved_qlora = config["mode"] == "qlora"
     if use_qlora is None:
-        use_qlora = config["mode"] == "qlora"
+        use_qlora = saved_qlora
+    # the saved base when the adapter goes back into its own mode (files written before the base was
+    # recorded have none: the layer's defaults, NF4 with double quantization)
+    base = dict(config.get("base") or {}) if use_qlora and saved_qlora else {}
     # Wrapping comes first (the checks need the layers); any failure below unwraps the model again.
     with unchanged_on_error(model):
         if not wrapped_layers(model):
             quantize_model(model, config["targets"], config["alpha"], config["r"], use_qlora=use_qlora,
-                           rslora=config["rslora"], use_dora=config.get("use_dora", False))
+                           rslora=config["rslora"], use_dora=config.get("use_dora", False), **base)
         _check_adapter_fits(model, config, tensors)
     layers = lora_layers(model)
     with torch.no_grad():
@@ -199,6 +221,14 @@ def _check_adapter_fits(model: nn.Module, config: dict, tensors: dict) -> None:
         raise ValueError("the adapter does not fit the model's LoRA layers (" + "; ".join(parts) + "). Wrap the "
                          f"same layers as when it was saved (targets in {CONFIG_FILE}), or load it into a plain model.")
 
+    saved = config.get("base")
+    for name, layer in layers.items():
+        # an adapter trained on a quantized base, loaded into layers quantized otherwise: it would run on
+        # other weights than it learned against (a dense base is a deliberate choice: use_qlora=False)
+        if saved is not None and config["mode"] == "qlora" and layer.use_qlora and base_settings(layer) != saved:
+            raise ValueError(f"{name}: the adapter was trained on a base with {saved}, but the layer's base has "
+                             f"{base_settings(layer)}; wrap the model with the adapter's base settings, or load it "
+                             "into a plain model")
     file_scale = lora_scale(config["alpha"], config["r"], config["rslora"])
     for name, layer in layers.items():
         W_a, W_b = tensors[f"{name}.W_a"], tensors[f"{name}.W_b"]

@@ -55,6 +55,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False); leave "
+                     "--device out to measure on the CPU")
 
     from ..device import pick_device
 

@@ -95,7 +95,10 @@ def build(mode: str, implementation: str, folder: Path, device: torch.device, dt
     if implementation == "ours":
         from ..quantize import quantize_model
 
-        quantize_model(model, TARGETS, alpha, r, use_qlora=(mode == "qlora"), compute_dtype=dtype)
+        if mode == "lora":
+            quantize_model(model, TARGETS, alpha, r, use_qlora=False)
+        else:
+            quantize_model(model, TARGETS, alpha, r, compute_dtype=dtype)
     elif implementation == "peft":
         from peft import LoraConfig, get_peft_model
 
