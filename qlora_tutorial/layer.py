@@ -91,13 +91,16 @@ def check_quant_settings(quant_type, blocksize, name: str) -> None:
 
 
 def check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, name: str,
-                           use_qlora: bool = True, double_quant=None) -> None:
+                           use_qlora: bool = True, double_quant=None, rslora: bool = False) -> None:
     """Settings that only some modes use, refused where they would be ignored: DoRA needs the LoRA
     matrices; the quantization settings need a quantized base (``use_qlora=True``); an 8-bit base has
     neither a blocksize (one scale per row) nor a compute dtype (``Linear8bitLt`` computes in the input's)."""
     if use_dora and not require_lora:
         raise ValueError(f"{name}: use_dora=True needs the LoRA matrices (require_lora=True): DoRA rescales "
                          "W0 + s * dW, and without an adapter there is nothing to train")
+    if rslora and not require_lora:
+        raise ValueError(f"{name}: rslora=True sets the LoRA scale, but require_lora=False builds no LoRA matrices; "
+                         "leave rslora out")
     if quant_type == "int8" and not use_qlora:
         raise ValueError(f"{name}: quant_type='int8' asks for an 8-bit base, but use_qlora=False keeps the base "
                          "unquantized; use use_qlora=True for the 8-bit base, or leave quant_type out for LoRA")
@@ -109,10 +112,10 @@ def check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, requi
             detail = ", ".join(f"{k}={v!r}" for k, v in given.items())
             raise ValueError(f"{name}: use_qlora=False keeps the base unquantized, in its own dtype, so {detail} "
                              "would change nothing; leave it out, or use use_qlora=True for a quantized base")
-    if quant_type == "int8" and (blocksize != 64 or compute_dtype is not None):
+    if quant_type == "int8" and (blocksize != 64 or compute_dtype is not None or double_quant is not None):
         raise ValueError(f"{name}: quant_type='int8' (LLM.int8) has one scale per row and computes in the input's "
-                         f"dtype; blocksize={blocksize!r} and compute_dtype={compute_dtype!r} apply to 4-bit bases "
-                         "only. Leave them at their defaults")
+                         f"dtype; blocksize={blocksize!r}, compute_dtype={compute_dtype!r} and double_quant="
+                         f"{double_quant!r} apply to 4-bit bases only. Leave them at their defaults")
 
 
 def resolve_double_quant(double_quant, compress_statistics, name: str) -> bool:
@@ -352,6 +355,16 @@ class Base8bit(bnb.nn.Linear8bitLt):
             self.weight.data = self.state.CB
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # After the first forward, bitsandbytes keeps the row scales on the matmul state, where its own
+        # loader does not look (it refuses the checkpoint): copy them there.
+        key = prefix + "SCB"
+        if key in state_dict and getattr(self.weight, "SCB", None) is None and self.state.SCB is not None:
+            self.state.SCB.copy_(state_dict.pop(key))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def row_scales(self) -> torch.Tensor:
         """The float32 scale of each weight row (its absmax): kept on the weight until the first
         forward, then on the layer's matmul state."""
@@ -417,12 +430,16 @@ class Qlora_4_bit(nn.Module):
         check_rank_alpha(r, alpha)
         check_quant_settings(quant_type, blocksize, where)
         check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, where, bool(use_qlora),
-                               double_quant if compress_statistics is None else compress_statistics)
+                               double_quant if compress_statistics is None else compress_statistics, rslora)
         double_quant = resolve_double_quant(double_quant, compress_statistics, where)
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"{where}: dtype must be a floating-point dtype, got {dtype}")
         if linear is None:
             linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        elif device is not None or dtype is not None or bias != (linear.bias is not None):
+            raise ValueError(f"{where}: with linear=..., the weight, its dtype, its device and the bias are the given "
+                             f"layer's (bias={linear.bias is not None}); device=, dtype= and bias= describe a new "
+                             "layer. Move or convert the layer first, or leave them out")
         check_plain_linear(linear, where)
         if (linear.in_features, linear.out_features) != (in_features, out_features):
             raise ValueError(f"{where}: linear is {linear.in_features} -> {linear.out_features}, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import bitsandbytes as bnb
+import torch
 from torch import nn
 
 from .layer import (QUANTIZED_LINEAR_TYPES, Qlora_4_bit, check_features, check_quant_settings, check_variant_settings,
@@ -71,17 +72,24 @@ def _check_not_prequantized(module: nn.Module) -> None:
 
 # ---------------------------------------------------------------- failing without side effects
 @contextmanager
-def unchanged_on_error(module: nn.Module):
+def unchanged_on_error(module: nn.Module, values: bool = False):
     """Run a block that rewires ``module``; if it raises, put the module tree back as it was.
 
     Restores every submodule and parameter slot (so wrapped layers become the original ones again),
-    every ``requires_grad`` flag, and the ``save_pretrained`` guard. Values copied *into* tensors are
-    not undone: callers check what they load before they copy it.
+    every ``requires_grad`` flag, and the ``save_pretrained`` guard. With ``values=True`` it also keeps a
+    copy of every tensor of the state dict and puts the values back, for blocks that copy *into*
+    existing tensors (``load_state_dict``): a second copy of the model's memory while the block runs.
+    Without it, callers check what they load before they copy it.
     """
     modules = list(module.modules())
     slots = [(m, dict(m._modules), dict(m._parameters)) for m in modules]
     flags = [(p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None]
     guard = module.__dict__.get("save_pretrained")
+    saved = {}
+    if values:
+        for t in module.state_dict(keep_vars=True).values():
+            if isinstance(t, torch.Tensor) and id(t) not in saved:
+                saved[id(t)] = (t, t.detach().clone())
     try:
         yield
     except BaseException:
@@ -92,6 +100,8 @@ def unchanged_on_error(module: nn.Module):
             m._parameters.update(params)
         for p, flag in flags:
             p.requires_grad_(flag)
+        for t, copy in saved.values():
+            t.data = copy
         if guard is None:
             module.__dict__.pop("save_pretrained", None)
         else:
@@ -142,8 +152,9 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
     check_rank_alpha(r, alpha)
     check_quant_settings(quant_type, blocksize, "quantize_model")
     check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, "quantize_model",
-                           bool(use_qlora), double_quant if compress_statistics is None else compress_statistics)
-    double_quant = resolve_double_quant(double_quant, compress_statistics, "quantize_model") if use_qlora else None
+                           bool(use_qlora), double_quant if compress_statistics is None else compress_statistics, rslora)
+    four_bit = use_qlora and quant_type != "int8"  # the only base with block scales to double-quantize
+    double_quant = resolve_double_quant(double_quant, compress_statistics, "quantize_model") if four_bit else None
     targets = resolve_target_names(mlp_layers)
     _check_not_prequantized(module)
     settings = dict(alpha=alpha, r=r, require_lora=bool(require_lora), use_qlora=bool(use_qlora), rslora=rslora,

@@ -35,6 +35,9 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = LORAPLUS_R
     if not (_positive_finite(ratio) and ratio >= 1):
         raise ValueError(f"LoRA+ ratio (lr_B / lr_A) must be a finite number >= 1, got {ratio!r}; "
                          "the LoRA+ paper recommends 16")
+    if not (isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and math.isfinite(weight_decay)
+            and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     groups = {"A": [], "B": [], "B_no_decay": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:

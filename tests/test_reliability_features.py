@@ -262,3 +262,115 @@ def test_dora_on_an_int8_base_saves_loads_and_merges(tmp_path):
     assert back.model.layers[0].mlp.gate_proj.is_int8 and back.model.layers[0].mlp.gate_proj.use_dora
     assert torch.equal(logits(back), expected)
     assert (logits(adapters.merge(back)) - expected).abs().max().item() < 1e-4
+
+
+# ---------------------------------------------------------------- found by a second look (review)
+def test_loading_into_an_int8_model_that_has_run_leaves_it_as_it_was_on_failure(tmp_path):
+    """After a forward, bitsandbytes keeps the row scales on the matmul state, and its own loader refuses
+    the checkpoint half-way: the package loads them there, and restores every value if a load fails."""
+    adapters.save_quantized(trained(quant_type="int8", seed=3), tmp_path)
+    model = quantize_model(tiny_llama(seed=1), MLP, alpha=8, r=4, quant_type="int8")
+    logits(model)  # a forward moves the row scales
+    back = adapters.load_quantized(model, tmp_path)
+    assert torch.equal(logits(back), logits(adapters.load_quantized(tiny_llama(seed=1), tmp_path)))
+    tensors = load_file(str(tmp_path / "quantized.safetensors"))
+    tensors["model.layers.1.mlp.gate_proj.quant_nn.weight_format"] = torch.tensor(1, dtype=torch.uint8)
+    refuses_untouched(tmp_path, tensors, r"model.layers.1.mlp.gate_proj: the 8-bit weight's format is 1")
+
+
+def test_a_file_from_an_untied_model_is_refused_by_a_tied_one(tmp_path):
+    adapters.save_quantized(trained(), tmp_path)  # tiny_llama does not tie its embeddings
+    tied = tiny_llama(seed=1)
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    fails_and_changes_nothing(tied, lambda: adapters.load_quantized(tied, tmp_path),
+                              "the model ties model.embed_tokens.weight, lm_head.weight")
+
+
+def test_load_adapter_refuses_a_use_qlora_the_wrapped_model_does_not_have(tmp_path):
+    adapters.save_adapter(trained(), tmp_path)
+    nf4 = quantize_model(tiny_llama(seed=0), MLP, alpha=8, r=4)
+    fails_and_changes_nothing(nf4, lambda: adapters.load_adapter(nf4, tmp_path, use_qlora=False),
+                              "use_qlora=False asks for an unquantized base, but the model is wrapped otherwise")
+
+
+def test_int8_refuses_double_quant():
+    with pytest.raises(ValueError, match="double_quant=False apply to 4-bit bases only"):
+        Qlora_4_bit.from_linear(nn.Linear(64, 32), 8, 4, quant_type="int8", double_quant=False)
+
+
+def test_an_adapter_over_layers_on_different_bases_saves_and_loads_each_base(tmp_path):
+    model = quantize_model(tiny_llama(seed=0), ["gate_proj", "up_proj"], alpha=8, r=4)
+    quantize_model(model, ["down_proj"], alpha=8, r=4, quant_type="int8")
+    expected = logits(model)
+    adapters.save_adapter(model, tmp_path)
+    assert "bases" in json.loads((tmp_path / "adapter.json").read_text())
+    back = adapters.load_adapter(tiny_llama(seed=0), tmp_path)
+    assert back.model.layers[0].mlp.down_proj.is_int8 and back.model.layers[0].mlp.up_proj.is_quantized
+    assert torch.equal(logits(back), expected)
+
+
+def test_an_adapter_file_without_its_base_loads_with_a_warning(tmp_path):
+    adapters.save_adapter(trained(), tmp_path)
+    config = json.loads((tmp_path / "adapter.json").read_text())
+    del config["base"]  # as written before the base was recorded
+    (tmp_path / "adapter.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="does not record the base"):
+        adapters.load_adapter(tiny_llama(seed=0), tmp_path)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (dict(base=["nf4"]), "the base of .* must be a dict"),
+    (dict(base={"foo": 1}), "the base of .* must be a dict"),
+    (dict(mode="lora"), "mode 'lora' .* but the base"),
+])
+def test_a_damaged_adapter_config_is_refused_by_name(tmp_path, damage, match):
+    adapters.save_adapter(trained(), tmp_path)
+    config = json.loads((tmp_path / "adapter.json").read_text())
+    config.update(damage)
+    (tmp_path / "adapter.json").write_text(json.dumps(config))
+    plain = tiny_llama(seed=0)
+    fails_and_changes_nothing(plain, lambda: adapters.load_adapter(plain, tmp_path), match)
+
+
+def test_a_damaged_layer_entry_in_quantized_json_is_refused(tmp_path):
+    _, tensors = saved(tmp_path)
+    config = json.loads((tmp_path / "quantized.json").read_text())
+    config["layers"]["model.layers.0.mlp.gate_proj"]["use_qlora"] = "no"
+    refuses_untouched(tmp_path, tensors, "layer model.layers.0.mlp.gate_proj has settings {'use_qlora': 'no'}", config)
+
+
+def test_a_model_keeping_its_bytes_as_bfloat16_is_told_when_to_load(tmp_path):
+    from qlora_tutorial.fsdp import set_quant_storage
+
+    adapters.save_quantized(trained(), tmp_path)
+    model = quantize_model(tiny_llama(seed=1), MLP, alpha=8, r=4)
+    set_quant_storage(model, torch.bfloat16)
+    fails_and_changes_nothing(model, lambda: adapters.load_quantized(model, tmp_path), "before calling set_quant_storage")
+
+
+@pytest.mark.parametrize("weight_decay", [-1.0, math.nan, math.inf])
+def test_loraplus_refuses_a_weight_decay_that_is_not_a_finite_non_negative_number(weight_decay):
+    model = quantize_model(tiny_llama(seed=0), MLP, alpha=8, r=4, use_qlora=False)
+    with pytest.raises(ValueError, match="weight_decay must be"):
+        loraplus_param_groups(model, lr=1e-3, weight_decay=weight_decay)
+
+
+def test_contradictory_layer_arguments_are_refused():
+    lin = nn.Linear(64, 32)
+    for kwargs in (dict(dtype=torch.float16), dict(device="meta"), dict(bias=False)):
+        with pytest.raises(ValueError, match="with linear=..."):
+            Qlora_4_bit(64, 32, 8, 4, linear=lin, **kwargs)
+    with pytest.raises(ValueError, match="rslora=True sets the LoRA scale, but require_lora=False"):
+        Qlora_4_bit.from_linear(lin, 8, 4, require_lora=False, rslora=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [(["--steps", "0"], "--steps"), (["--warmup", "0"], "--warmup"),
+                                           (["--r", "0"], "--r"), (["--rounds", "0"], "--rounds")])
+def test_the_bench_refuses_arguments_that_measure_nothing(tmp_path, args, message):
+    csv = tmp_path / "rows.csv"
+    csv.write_text("kept\n")
+    proc = subprocess.run([sys.executable, "-m", "qlora_tutorial.bench", "--quick", "--csv", str(csv), *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert csv.read_text() == "kept\n"  # results of an earlier run are not wiped

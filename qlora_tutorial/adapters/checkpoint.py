@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..layer import Base4bit
+from ..layer import Base4bit, Base8bit
 from ..quantize import quantize_model, unchanged_on_error, wrapped_layers
 from .folder import FORMAT_VERSION, read_folder, write_folder
 from .ours import _list, base_model_id
@@ -24,6 +24,9 @@ from .ours import _list, base_model_id
 
 QUANTIZED_FORMAT = "qlora_tutorial.quantized"
 QUANTIZED_WEIGHTS_FILE = "quantized.safetensors"
+# what a layer's entry may hold, and of which type (compress_statistics: files of earlier versions)
+LAYER_FIELDS = {"alpha": (int, float), "r": int, "require_lora": bool, "use_qlora": bool, "rslora": bool,
+                "use_dora": bool, "quant_type": str, "blocksize": int, "double_quant": bool, "compress_statistics": bool}
 QUANTIZED_CONFIG_FILE = "quantized.json"
 
 
@@ -74,9 +77,15 @@ def read_quantized(path) -> tuple[dict, dict[str, torch.Tensor]]:
         for key in ("alpha", "r"):
             if not isinstance(settings, dict) or key not in settings:
                 raise ValueError(f"{QUANTIZED_CONFIG_FILE}: layer {name} lacks {key!r}; the file is damaged")
-    if not isinstance(config.get("aliases", {}), dict) or not all(
-            key in tensors for key in config.get("aliases", {}).values()):
-        raise ValueError(f"{QUANTIZED_CONFIG_FILE}: its 'aliases' name tensors the file does not hold")
+        wrong = {k: v for k, v in settings.items() if k not in LAYER_FIELDS or not isinstance(v, LAYER_FIELDS[k])}
+        if wrong:
+            raise ValueError(f"{QUANTIZED_CONFIG_FILE}: layer {name} has settings {wrong} that quantize_model does not "
+                             "take in that form; the file is damaged")
+    aliases = config.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(key in tensors and alias not in tensors
+                                                for alias, key in aliases.items()):
+        raise ValueError(f"{QUANTIZED_CONFIG_FILE}: its 'aliases' must name tensors the file holds, under names it "
+                         "does not hold; the file is damaged")
     for alias, key in config.get("aliases", {}).items():
         tensors[alias] = tensors[key]
     return config, tensors
@@ -99,7 +108,7 @@ def load_quantized(model_or_config, path) -> nn.Module:
             raise TypeError(f"model_or_config must be a torch.nn.Module or a transformers config, "
                             f"got {type(model).__name__}")
         model = AutoModelForCausalLM.from_config(model)
-    with unchanged_on_error(model):
+    with unchanged_on_error(model, values=True):  # load_state_dict copies into the model's tensors
         groups: dict[str, list[str]] = {}
         for name, settings in config["layers"].items():
             groups.setdefault(json.dumps(settings, sort_keys=True), []).append(name)
@@ -128,6 +137,12 @@ def _check_state_fits(model: nn.Module, tensors: dict) -> None:
         raise ValueError("the saved model does not fit this model (" + "; ".join(parts) + "); load it into a "
                          "model of the architecture it was saved from")
     # (bitsandbytes' packed quant_state entry is JSON text whose length varies: no fixed shape)
+    stored_as = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Base4bit) and m.is_quantized
+                 and m.weight.dtype != torch.uint8]
+    if stored_as:
+        raise ValueError(f"the model keeps its 4-bit bytes as {expected[stored_as[0]].dtype} "
+                         f"({_list(stored_as, 2)}; fsdp.set_quant_storage does that): load the file into the model "
+                         "before calling set_quant_storage")
     wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if ".quant_state.bitsandbytes__" not in k and tuple(tensors[k].shape) != tuple(v.shape)]
     if wrong:
@@ -140,7 +155,25 @@ def _check_state_fits(model: nn.Module, tensors: dict) -> None:
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"{_list(bad, 3)} holds NaN or inf values; the file is damaged (or saved from a diverged run)")
+    # tensors the model shares (tied embeddings) must be one tensor in the file too
+    shared: dict[tuple, list[str]] = {}
+    for key, value in expected.items():
+        if value.numel():
+            place = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+            shared.setdefault(place, []).append(key)
+    for keys in shared.values():
+        if len(keys) > 1 and not all(torch.equal(tensors[keys[0]], tensors[k]) for k in keys[1:]):
+            raise ValueError(f"the model ties {', '.join(keys)} (one tensor), but the file holds different values for "
+                             "them; load it into a model of the same architecture that does not tie them")
     for name, module in model.named_modules():
+        if isinstance(module, Base8bit):
+            scales, fmt = tensors.get(f"{name}.SCB"), tensors.get(f"{name}.weight_format")
+            if fmt is not None and fmt.numel() == 1 and int(fmt) != 0:
+                raise ValueError(f"{name.removesuffix('.quant_nn')}: the 8-bit weight's format is {int(fmt)}, but "
+                                 "bitsandbytes reads only row-major weights (0); the file is damaged")
+            if scales is not None and not (scales.shape == (module.out_features,) and (scales > 0).all()):
+                raise ValueError(f"{name.removesuffix('.quant_nn')}: the 8-bit weight's row scales (SCB) must be "
+                                 f"{module.out_features} positive numbers; the file is damaged")
         if isinstance(module, Base4bit):
             prefix = f"{name}.weight."
             stats = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}

@@ -78,25 +78,37 @@ def base_settings(layer: Qlora_4_bit) -> dict:
 
 
 def adapter_config(model: nn.Module) -> dict:
-    """The JSON config ``save_adapter`` writes: what is needed to rebuild the layers the weights fit."""
+    """The JSON config ``save_adapter`` writes: what is needed to rebuild the layers the weights fit.
+
+    ``base`` is the frozen base's kind and settings (``base_settings``) when the layers share one, and
+    ``bases`` maps each layer to its own when they do not.
+    """
     layers = lora_layers(model)
     use_qlora = _shared_setting(layers, "use_qlora")
     dora = {"use_dora": True} if _shared_setting(layers, "use_dora") else {}
-    bases = {json.dumps(base_settings(layer), sort_keys=True) for layer in layers.values()}
-    if len(bases) != 1:
-        raise ValueError(f"the LoRA layers do not share one kind of base ({sorted(bases)}); an adapter file holds "
-                         "one setting for all layers. Wrap all layers with the same quantize_model call.")
+    bases = {name: base_settings(layer) for name, layer in layers.items()}
+    shared = {json.dumps(b, sort_keys=True) for b in bases.values()}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "base_model": base_model_id(model),
         "mode": "qlora" if use_qlora else "lora",
-        "base": json.loads(bases.pop()),
+        **({"base": json.loads(shared.pop())} if len(shared) == 1 else {"bases": bases}),
         "r": _shared_setting(layers, "r"),
         "alpha": _shared_setting(layers, "alpha"),
         "rslora": _shared_setting(layers, "rslora"),
         "targets": list(layers),
         **dora,
     }
+
+
+def saved_bases(config: dict) -> dict[str, dict] | None:
+    """{layer: base settings} as an adapter config records them, or None for files written before the
+    base was recorded."""
+    if "bases" in config:
+        return config["bases"]
+    if "base" in config:
+        return {name: config["base"] for name in config["targets"]}
+    return None
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -157,7 +169,29 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise ValueError(f"{CONFIG_FILE} lacks the field {key!r}")
     if config["mode"] not in ("qlora", "lora"):
         raise ValueError(f"{CONFIG_FILE}: mode must be 'qlora' or 'lora', got {config['mode']!r}")
+    if not isinstance(config["targets"], list) or not all(isinstance(t, str) for t in config["targets"]):
+        raise ValueError(f"{CONFIG_FILE}: targets must be a list of layer names, got {config['targets']!r}")
+    _check_bases(config)
     return config, tensors
+
+
+BASE_FIELDS = {"quant_type": str, "blocksize": int, "double_quant": bool}
+
+
+def _check_bases(config: dict) -> None:
+    """The recorded bases: a dict of known fields for each target, none for an unquantized (lora) base."""
+    if "base" in config and "bases" in config:
+        raise ValueError(f"{CONFIG_FILE} holds both 'base' and 'bases'; it is damaged")
+    if "bases" in config and (not isinstance(config["bases"], dict) or set(config["bases"]) != set(config["targets"])):
+        raise ValueError(f"{CONFIG_FILE}: 'bases' must give the base of each of the targets and nothing else")
+    for name, base in (saved_bases(config) or {}).items():
+        if not isinstance(base, dict) or any(k not in BASE_FIELDS or not isinstance(v, BASE_FIELDS[k])
+                                             for k, v in base.items()):
+            raise ValueError(f"{CONFIG_FILE}: the base of {name} must be a dict of {sorted(BASE_FIELDS)} with a str, "
+                             f"an int and a bool, got {base!r}; the file is damaged")
+        if config["mode"] == "lora" and base:
+            raise ValueError(f"{CONFIG_FILE}: mode 'lora' (an unquantized base) but the base of {name} is {base}; "
+                             "the file is damaged")
 
 
 def _list(names, limit: int = 4) -> str:
@@ -178,16 +212,33 @@ def load_adapter(model: nn.Module, path, use_qlora: bool | None = None) -> nn.Mo
     """
     config, tensors = read_adapter(path)
     saved_qlora = config["mode"] == "qlora"
+    asked = use_qlora
     if use_qlora is None:
         use_qlora = saved_qlora
-    # the saved base when the adapter goes back into its own mode (files written before the base was
-    # recorded have none: the layer's defaults, NF4 with double quantization)
-    base = dict(config.get("base") or {}) if use_qlora and saved_qlora else {}
+    bases = saved_bases(config)
+    if bases is None and saved_qlora:
+        warnings.warn(f"{CONFIG_FILE} does not record the base the adapter was trained on (an older version of this "
+                      "package wrote it); a plain model is wrapped with the default base, NF4 with double "
+                      "quantization. If it was trained on another base, wrap the model with that base before "
+                      "loading", stacklevel=2)
+    # the saved bases when the adapter goes back into its own mode; an unquantized base otherwise
+    if not (use_qlora and saved_qlora) or bases is None:
+        bases = {name: {} for name in config["targets"]}
     # Wrapping comes first (the checks need the layers); any failure below unwraps the model again.
     with unchanged_on_error(model):
         if not wrapped_layers(model):
-            quantize_model(model, config["targets"], config["alpha"], config["r"], use_qlora=use_qlora,
-                           rslora=config["rslora"], use_dora=config.get("use_dora", False), **base)
+            groups: dict[str, list[str]] = {}
+            for name, base in bases.items():
+                groups.setdefault(json.dumps(base, sort_keys=True), []).append(name)
+            for base, names in groups.items():
+                quantize_model(model, names, config["alpha"], config["r"], use_qlora=use_qlora,
+                               rslora=config["rslora"], use_dora=config.get("use_dora", False), **json.loads(base))
+        elif asked is not None:
+            other = [n for n, layer in lora_layers(model).items() if layer.use_qlora != asked]
+            if other:
+                raise ValueError(f"use_qlora={asked} asks for {'a quantized' if asked else 'an unquantized'} base, but "
+                                 f"the model is wrapped otherwise ({_list(other)}); load into a plain model, or leave "
+                                 "use_qlora out")
         _check_adapter_fits(model, config, tensors)
     layers = lora_layers(model)
     with torch.no_grad():
@@ -221,12 +272,12 @@ def _check_adapter_fits(model: nn.Module, config: dict, tensors: dict) -> None:
         raise ValueError("the adapter does not fit the model's LoRA layers (" + "; ".join(parts) + "). Wrap the "
                          f"same layers as when it was saved (targets in {CONFIG_FILE}), or load it into a plain model.")
 
-    saved = config.get("base")
+    saved = saved_bases(config) or {}
     for name, layer in layers.items():
         # an adapter trained on a quantized base, loaded into layers quantized otherwise: it would run on
         # other weights than it learned against (a dense base is a deliberate choice: use_qlora=False)
-        if saved is not None and config["mode"] == "qlora" and layer.use_qlora and base_settings(layer) != saved:
-            raise ValueError(f"{name}: the adapter was trained on a base with {saved}, but the layer's base has "
+        if name in saved and config["mode"] == "qlora" and layer.use_qlora and base_settings(layer) != saved[name]:
+            raise ValueError(f"{name}: the adapter was trained on a base with {saved[name]}, but the layer's base has "
                              f"{base_settings(layer)}; wrap the model with the adapter's base settings, or load it "
                              "into a plain model")
     file_scale = lora_scale(config["alpha"], config["r"], config["rslora"])

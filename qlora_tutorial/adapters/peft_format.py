@@ -123,7 +123,9 @@ def import_peft(model: nn.Module, path, use_qlora: bool = False, **quantize_kwar
     ``model`` is the plain base model (or one already wrapped with the same settings). The layers to
     wrap are the ones the weight file holds, checked against ``target_modules``; ``use_rslora`` is
     honoured, and so is ``use_dora`` (the magnitudes load into ``Qlora_4_bit(use_dora=True)``); fields
-    we cannot honour (rank/alpha patterns, ``fan_in_fan_out``, bias, ...) raise an error naming the field. Extra keywords go to ``quantize_model`` (e.g. ``compute_dtype``).
+    we cannot honour (rank/alpha patterns, ``fan_in_fan_out``, bias, ...) raise an error naming the field.
+    Extra keywords go to ``quantize_model`` (with ``use_qlora=True``, e.g. ``compute_dtype`` or
+    ``quant_type``: the base the adapter runs on).
     """
     config, tensors = read_folder(path, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, what="PEFT adapter folder",
                                   hint="import_peft reads safetensors only, never adapter_model.bin.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -55,6 +56,12 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    for option, value, least in (("--warmup", args.warmup, 1), ("--steps", args.steps, 1), ("--r", args.r, 1),
+                                 ("--rounds", args.rounds, 1)):
+        if value is not None and value < least:
+            parser.error(f"{option} must be at least {least}, got {value}: a run with it would measure nothing")
+    if not (args.alpha > 0 and math.isfinite(args.alpha)):
+        parser.error(f"--alpha must be a positive number, got {args.alpha}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False); leave "
                      "--device out to measure on the CPU")
@@ -104,7 +111,8 @@ def suite_main(args, config, shapes, ckpt, setups, device, dtype, warmup, steps,
     result = {}
 
     def save(suite):  # after every setup, so a run cut short still leaves its numbers
-        write_csv(suite["rows"], args.csv)
+        if suite["rows"]:  # a run that measured nothing leaves an earlier run's rows in place
+            write_csv(suite["rows"], args.csv)
         result.update({"provenance": {**suite["provenance"], **meta},
                        "comparison": compare(suite["rows"]) if suite["rows"] else [],
                        "rows_extra": suite["extras"], "failures": suite["failures"], "profiles": suite["profiles"]})
