@@ -67,5 +67,6 @@ def fake_quantize_linears(model: nn.Module, targets, quant_type: str = "int4", b
 
     for _, module in lora_targets(model, targets):  # every target must match a layer
         w = module.weight
-        module.weight.copy_(fake_quantize(w.data, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant).to(w.dtype))
+        round_trip = fake_quantize(w.data, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        module.weight.copy_(round_trip.to(w.dtype))
     return model

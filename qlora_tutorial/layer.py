@@ -148,7 +148,8 @@ def check_weight_to_wrap(linear: nn.Linear, name: str, use_qlora: bool, quant_ty
     if use_qlora and quant_type == "int8" and weight.device.type != "meta":
         largest = weight.detach().abs().max().item()
         if largest > torch.finfo(torch.float16).max:
-            raise ValueError(f"{name}: the weight has entries beyond float16's range (largest magnitude {largest:.3g}), "
+            raise ValueError(f"{name}: the weight has entries beyond float16's range (largest magnitude "
+                             f"{largest:.3g}), "
                              "and quant_type='int8' (bitsandbytes' LLM.int8) rounds the weight to float16 before "
                              "quantizing it: they would become inf, and the outputs NaN. Use a 4-bit base "
                              "(quant_type='nf4'), whose block scales stay in float32, or scale the weights down")
@@ -256,7 +257,8 @@ class Base4bit(bnb.nn.Linear4bit):
             settings = {"quant_type": state.quant_type, "blocksize": state.blocksize, "double_quant": state.nested}
         else:
             w = self.weight
-            settings = {"quant_type": w.quant_type, "blocksize": w.blocksize, "double_quant": bool(w.compress_statistics)}
+            settings = {"quant_type": w.quant_type, "blocksize": w.blocksize,
+                        "double_quant": bool(w.compress_statistics)}
         return {**settings, "compute_dtype": self.compute_dtype}
 
     # bitsandbytes writes a 4-bit weight into the state dict as the packed bytes ("weight") plus its
@@ -293,7 +295,8 @@ class Base4bit(bnb.nn.Linear4bit):
         except Exception as e:  # whatever a damaged entry makes bitsandbytes raise
             raise ValueError(f"its 4-bit quantization state cannot be read ({type(e).__name__}: {e}); the file "
                              "is damaged, or was not written by state_dict() of a quantized model") from None
-        have = (self.weight.quant_type, self.weight.blocksize, bool(self.weight.compress_statistics))
+        settings = self.settings()
+        have = (settings["quant_type"], settings["blocksize"], settings["double_quant"])
         want = (state.quant_type, state.blocksize, state.nested)
         if have != want:
             raise ValueError(f"the saved weight has (quant_type, blocksize, double_quant)={want}, the layer "

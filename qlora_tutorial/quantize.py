@@ -151,8 +151,9 @@ def quantize_model(module: nn.Module, mlp_layers, alpha: float, r: int, require_
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     check_rank_alpha(r, alpha)
     check_quant_settings(quant_type, blocksize, "quantize_model")
+    given_double_quant = double_quant if compress_statistics is None else compress_statistics
     check_variant_settings(quant_type, blocksize, compute_dtype, use_dora, require_lora, "quantize_model",
-                           bool(use_qlora), double_quant if compress_statistics is None else compress_statistics, rslora)
+                           bool(use_qlora), given_double_quant, rslora)
     four_bit = use_qlora and quant_type != "int8"  # the only base with block scales to double-quantize
     double_quant = resolve_double_quant(double_quant, compress_statistics, "quantize_model") if four_bit else None
     targets = resolve_target_names(mlp_layers)

@@ -19,14 +19,19 @@ from torch import nn
 from ..layer import Base4bit, Base8bit
 from ..quantize import quantize_model, unchanged_on_error, wrapped_layers
 from .folder import FORMAT_VERSION, read_folder, write_folder
-from .ours import _list, base_model_id
+from .ours import BASE_FIELDS, _list, base_model_id
 
 
 QUANTIZED_FORMAT = "qlora_tutorial.quantized"
 QUANTIZED_WEIGHTS_FILE = "quantized.safetensors"
 # what a layer's entry may hold, and of which type (compress_statistics: files of earlier versions)
 LAYER_FIELDS = {"alpha": (int, float), "r": int, "require_lora": bool, "use_qlora": bool, "rslora": bool,
-                "use_dora": bool, "quant_type": str, "blocksize": int, "double_quant": bool, "compress_statistics": bool}
+                "use_dora": bool, **BASE_FIELDS, "compress_statistics": bool}
+
+
+def _place(t: torch.Tensor) -> tuple:
+    """Where a tensor's values live: two names with the same place are one tensor (tied weights)."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype
 QUANTIZED_CONFIG_FILE = "quantized.json"
 
 
@@ -52,7 +57,7 @@ def save_quantized(model: nn.Module, path) -> Path:
         value = value.detach()
         if key in packed_keys and value.dtype != torch.uint8:
             value = value.reshape(-1).view(torch.uint8).unsqueeze(1)
-        place = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+        place = _place(value)
         if value.numel() and place in storages:  # the same tensor under a second name (tied weights)
             aliases[key] = storages[place]
             continue
@@ -136,13 +141,13 @@ def _check_state_fits(model: nn.Module, tensors: dict) -> None:
             [f"in the file but not in the model: {_list(unexpected)}"] if unexpected else [])
         raise ValueError("the saved model does not fit this model (" + "; ".join(parts) + "); load it into a "
                          "model of the architecture it was saved from")
-    # (bitsandbytes' packed quant_state entry is JSON text whose length varies: no fixed shape)
     stored_as = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Base4bit) and m.is_quantized
                  and m.weight.dtype != torch.uint8]
     if stored_as:
         raise ValueError(f"the model keeps its 4-bit bytes as {expected[stored_as[0]].dtype} "
                          f"({_list(stored_as, 2)}; fsdp.set_quant_storage does that): load the file into the model "
                          "before calling set_quant_storage")
+    # (bitsandbytes' packed quant_state entry is JSON text whose length varies: no fixed shape)
     wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if ".quant_state.bitsandbytes__" not in k and tuple(tensors[k].shape) != tuple(v.shape)]
     if wrong:
@@ -159,25 +164,25 @@ def _check_state_fits(model: nn.Module, tensors: dict) -> None:
     shared: dict[tuple, list[str]] = {}
     for key, value in expected.items():
         if value.numel():
-            place = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
-            shared.setdefault(place, []).append(key)
+            shared.setdefault(_place(value), []).append(key)
     for keys in shared.values():
         if len(keys) > 1 and not all(torch.equal(tensors[keys[0]], tensors[k]) for k in keys[1:]):
             raise ValueError(f"the model ties {', '.join(keys)} (one tensor), but the file holds different values for "
                              "them; load it into a model of the same architecture that does not tie them")
     for name, module in model.named_modules():
+        layer = name.removesuffix(".quant_nn")  # what errors call it: the Qlora_4_bit layer
         if isinstance(module, Base8bit):
             scales, fmt = tensors.get(f"{name}.SCB"), tensors.get(f"{name}.weight_format")
             if fmt is not None and fmt.numel() == 1 and int(fmt) != 0:
-                raise ValueError(f"{name.removesuffix('.quant_nn')}: the 8-bit weight's format is {int(fmt)}, but "
-                                 "bitsandbytes reads only row-major weights (0); the file is damaged")
+                raise ValueError(f"{layer}: the 8-bit weight's format is {int(fmt)}, but bitsandbytes reads only "
+                                 "row-major weights (0); the file is damaged")
             if scales is not None and not (scales.shape == (module.out_features,) and (scales > 0).all()):
-                raise ValueError(f"{name.removesuffix('.quant_nn')}: the 8-bit weight's row scales (SCB) must be "
-                                 f"{module.out_features} positive numbers; the file is damaged")
+                raise ValueError(f"{layer}: the 8-bit weight's row scales (SCB) must be {module.out_features} "
+                                 "positive numbers; the file is damaged")
         if isinstance(module, Base4bit):
             prefix = f"{name}.weight."
             stats = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
             try:
                 module.check_saved(tensors[f"{name}.weight"], stats)
             except ValueError as e:
-                raise ValueError(f"{name.removesuffix('.quant_nn')}: {e}") from None
+                raise ValueError(f"{layer}: {e}") from None
