@@ -36,7 +36,8 @@ def pick_device(prefer: str | None = None) -> Runtime:
     """cuda if present (or asked for), else cpu; with the compute dtype that suits it.
 
     ``prefer`` may be "cpu" or "cuda"; the environment variable ``QLORA_DEVICE`` does the same
-    for a whole notebook run.
+    for a whole notebook run. On a GPU, ``QLORA_DTYPE=float16`` forces float16 compute where
+    bfloat16 would be chosen: the path of a GPU without bfloat16 (Colab's T4), on any GPU.
     """
     prefer = prefer or os.environ.get("QLORA_DEVICE")
     if prefer not in (None, "", "cpu", "cuda"):
@@ -46,6 +47,13 @@ def pick_device(prefer: str | None = None) -> Runtime:
     if prefer != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda")
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        forced = os.environ.get("QLORA_DTYPE")
+        if forced not in (None, "", "bfloat16", "float16"):
+            raise ValueError(f"QLORA_DTYPE={forced!r}: use 'bfloat16' or 'float16'")
+        if forced == "float16" or (forced == "bfloat16" and not torch.cuda.is_bf16_supported()):
+            if forced == "bfloat16":
+                raise RuntimeError("QLORA_DTYPE=bfloat16, but this GPU has no bfloat16; use float16")
+            dtype = torch.float16
     else:
         device, dtype = torch.device("cpu"), torch.float32
     return Runtime(device, dtype)
@@ -124,3 +132,17 @@ def time_matmul(dtype: torch.dtype, size: int = 1024, device: str | torch.device
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times[1:])[repeat // 2]
+
+
+def glue(name: str, value, display: bool = False) -> None:
+    """Hand a computed value to the book's prose (myst-nb's ``glue``), where myst-nb is installed.
+
+    The book's build has myst-nb, and the prose's ``{glue:text}`` roles show what a cell computed.
+    A notebook run elsewhere (Colab, a plain script) needs nothing of it: there the cell's own
+    output shows the value, and this does nothing.
+    """
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return
+    myst_glue(name, value, display=display)

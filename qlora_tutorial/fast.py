@@ -18,6 +18,7 @@ import contextlib
 
 import torch
 from torch import nn
+from transformers import Trainer
 
 from . import nf4_triton  # noqa: F401  (registers the Triton kernel as the CUDA backend of the 4-bit matmul)
 
@@ -60,52 +61,70 @@ def compile_for_training(model: nn.Module, mode: str = "default", regional: bool
 
 # ------------------------------------------------------------------ CUDA graphs
 @contextlib.contextmanager
-def recording_like_warmup(model: nn.Module, inputs: dict):
-    """While a step is recorded: the model's Python takes the path it took in the warm-up, and anything
-    that would compile instead raises ``torch._dynamo.exc.RecompileError``.
+def same_mask_path(model: nn.Module, inputs: dict):
+    """While a step is recorded (and while it is warmed up for recording): the attention mask takes one
+    path, whatever the values in the batch.
 
     Hugging Face ``transformers`` cannot look at tensor values while a CUDA graph records (that would
-    wait for the GPU), so when it sees a recording it gives up the shortcut it takes otherwise for a
-    causal batch without padding, and builds a full attention mask. The compiled decoder layers, warmed
-    up without a mask, would then be compiled again inside the recording, which fails. Where the batch has
-    no ``attention_mask`` and no ``position_ids`` (a full causal batch, nothing to mask beyond causality),
-    this makes the causal mask what it is outside a recording: none, with the attention's causal flag.
-    It does so for models with PyTorch's ``sdpa`` attention; other models keep transformers' own path.
-    The error covers recompiling what the warm-up compiled, which is what a changed path causes; a
-    compiled function that the warm-up never called would be compiled for the first time, which this
-    does not catch (the warm-up runs the same step, so every compiled region has run before).
+    wait for the GPU). Outside a recording it looks: a causal batch without padding gets no mask at all
+    (the attention's causal flag does the work), a padded batch a full mask. Inside a recording it gives
+    up the shortcut and builds a full mask. Compiled decoder layers warmed up on one path and recorded on
+    the other would be compiled again inside the recording, which fails. This makes the two paths one,
+    for models with PyTorch's ``sdpa`` attention (other models keep transformers' own path):
+
+    * a batch with no ``attention_mask`` and no ``position_ids`` (nothing to mask beyond causality)
+      gets no mask, recorded or not;
+    * a batch with an ``attention_mask`` gets the full mask, recorded or not (even when it happens to
+      hold no padding), so a recorded step serves padded and unpadded batches of its shape alike.
     """
     implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
     masks = None
-    if implementation == "sdpa" and "attention_mask" not in inputs and "position_ids" not in inputs:
+    if implementation == "sdpa" and "position_ids" not in inputs:
         try:
             from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
         except ImportError:  # not a transformers model, or a transformers without this registry
             masks = None
-    saved = None
-    if masks is not None:
-        original = masks["sdpa"]
-        saved = masks._local_mapping.get("sdpa")
+    if masks is None:
+        yield
+        return
+    original = masks["sdpa"]
+    saved = masks._local_mapping.get("sdpa")
+    padded = "attention_mask" in inputs
 
-        def causal_without_padding(**kwargs):
-            # no padding and as many queries as keys: the mask is causality alone, which the attention's
-            # causal flag gives (transformers checks the packing of the positions here outside a
-            # recording; the batch has no position_ids, so they are 0, 1, 2, ... in every row)
-            if kwargs.get("attention_mask") is None and kwargs.get("local_size") is None and \
-                    kwargs["q_length"] == kwargs["kv_length"]:
-                return None
-            return original(**kwargs)
+    def one_path(**kwargs):
+        if padded:
+            # never the shortcut: it reads the mask's values (transformers checks the packing of the
+            # positions too outside a recording; the batch has no position_ids, so they are 0, 1, 2, ...)
+            return original(**{**kwargs, "allow_is_causal_skip": False})
+        if kwargs.get("attention_mask") is None and kwargs.get("local_size") is None and \
+                kwargs["q_length"] == kwargs["kv_length"]:
+            return None  # causality alone, which the attention's causal flag gives
+        return original(**kwargs)
 
-        masks["sdpa"] = causal_without_padding
+    masks["sdpa"] = one_path
     try:
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            yield
+        yield
     finally:
-        if masks is not None:
-            if saved is None:
-                del masks["sdpa"]
-            else:
-                masks["sdpa"] = saved
+        if saved is None:
+            del masks["sdpa"]
+        else:
+            masks["sdpa"] = saved
+
+
+@contextlib.contextmanager
+def recording_like_warmup(model: nn.Module, inputs: dict):
+    """While a step is recorded: the model's Python takes the path it took in the warm-up, and anything
+    that would compile instead raises ``torch._dynamo.exc.RecompileError``.
+
+    The attention mask is the usual cause of a changed path (``same_mask_path``, which this applies;
+    for a batch without ``attention_mask`` the warm-up needs no help, since outside a recording such a
+    batch already gets no mask). The error covers recompiling what the warm-up compiled, which is what
+    a changed path causes; a compiled function that the warm-up never called would be compiled for the
+    first time, which this does not catch (the warm-up runs the same step, so every compiled region has
+    run before).
+    """
+    with same_mask_path(model, inputs), torch._dynamo.config.patch(error_on_recompile=True):
+        yield
 
 
 class CapturedStep:
@@ -135,7 +154,7 @@ class CapturedStep:
         self.inputs = {k: v.detach().clone() for k, v in example.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), same_mask_path(model, self.inputs):
             for _ in range(warmup):
                 optimizer.zero_grad(set_to_none=True)
                 self._step()
@@ -181,3 +200,356 @@ class CapturedStep:
             self.inputs[k].copy_(v)
         self.graph.replay()
         return self.loss
+
+
+# ------------------------------------------------------------------ the recorded step inside a Trainer
+RECORDABLE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # TrainingArguments.optim values it can stand for
+
+
+class LearningRateIntoTensors:
+    """A ``Trainer``'s learning-rate scheduler, run on float copies of the rates; after each step the
+    rates are written into the optimizer's learning-rate tensors, which a recorded step reads from GPU
+    memory. (A float rate would be baked into the recording, and the schedule would do nothing.)
+
+    The float copies are what the Trainer logs, so reading the rate never waits for the GPU.
+    """
+
+    def __init__(self, scheduler, optimizer):
+        self.scheduler, self.optimizer = scheduler, optimizer
+        self.write()
+
+    def write(self) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"].fill_(lr)
+
+    def step(self, *args, **kwargs) -> None:
+        # the float copies' optimizer steps first, as PyTorch expects of a scheduler's optimizer (its
+        # parameter has no gradient: nothing moves)
+        self.scheduler.optimizer.step()
+        self.scheduler.step(*args, **kwargs)
+        self.write()
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+        self.write()
+
+    def __getattr__(self, name):
+        return getattr(self.scheduler, name)
+
+
+class _ReplayingAdamW(torch.optim.AdamW):
+    """AdamW whose ``step()`` replays the recorded update (clip, AdamW, zero the gradients) once there is one.
+
+    The Trainer calls ``optimizer.step()`` after the last micro-batch of each step, as always.
+    """
+
+    update = None  # set by the recorded step
+
+    def step(self, closure=None):
+        if self.update is None:
+            return super().step(closure)
+        self.update()
+        return None
+
+
+class RecordedStep:
+    """The fast step's two pieces, as two CUDA graphs sharing one memory pool (or run as they are, with
+    ``record=False``):
+
+    * ``micro(batch, num_items)``: a micro-batch's forward, loss and backward, the gradients added into
+      fixed buffers (so accumulation over micro-batches works inside the recording);
+    * ``update()``: clip the gradients to ``max_grad_norm``, AdamW's step at the learning rate held in
+      the optimizer's tensors, the buffers zeroed for the next step. The gradient norm before clipping
+      is kept in ``grad_norm``.
+
+    Warm-up steps run before recording (they compile and create the optimizer's state); then the
+    trainable parameters and the optimizer's state are put back as they were, so the recorded run
+    starts from the same point as an ordinary one. A micro-batch of another shape than the recorded
+    one runs unrecorded into the same buffers, with a warning.
+    """
+
+    def __init__(self, trainer, model, batch: dict, num_items, record: bool = True, warmup: int = 2):
+        import warnings
+
+        self.trainer, self.model, self.record = trainer, model, record
+        self.optimizer = optimizer = _raw_optimizer(trainer.optimizer)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.grads = [torch.zeros_like(p) for p in self.params]
+        self.max_norm = trainer.args.max_grad_norm or 0.0
+        self.uses_items = num_items is not None
+        self.scaled = _loss_scaled_for_accumulation(trainer, num_items)
+        self.inputs = {k: v.detach().clone() for k, v in batch.items()}
+        self.items = torch.as_tensor(num_items, device=self.params[0].device).clone() if self.uses_items else None
+        self.divisor = torch.ones((), device=self.params[0].device)
+        self.warned_shapes: set = set()
+        self._warnings = warnings
+        self.grad_norm = torch.zeros((), device=self.params[0].device)
+        if not record:
+            optimizer.update = self._update_eager
+            return
+        self._record(batch, num_items, warmup)
+
+    # -- the two bodies (what is recorded, and what runs unrecorded)
+    def _micro_body(self, inputs, items, divisor):
+        trainer = self.trainer
+        with trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(self.model, dict(inputs), num_items_in_batch=items)
+        if not self.scaled:
+            loss = loss / divisor
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        pairs = [(b, g) for b, g in zip(self.grads, grads) if g is not None]
+        torch._foreach_add_([b for b, _ in pairs], [g for _, g in pairs])
+        return loss.detach()
+
+    def _update_body(self):
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        limit = self.max_norm if self.max_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        torch.optim.AdamW.step(self.optimizer)
+        torch._foreach_zero_(self.grads)
+        return norm
+
+    def _update_eager(self):
+        self.grad_norm.copy_(self._update_body())
+
+    # -- recording
+    def _record(self, batch, num_items, warmup):
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1 (kernels and compilation must exist before recording), got {warmup}")
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.params]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), same_mask_path(self.model, self.inputs):
+            for _ in range(warmup):
+                self._micro_body(self.inputs, self.items, self.divisor)
+                self._update_body()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():  # back to where an ordinary run starts: the warm-up trained on one batch
+            for p, s in zip(self.params, saved):
+                p.copy_(s)
+            for state in self.optimizer.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value):
+                        value.zero_()
+            torch._foreach_zero_(self.grads)
+        del saved
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        before = generator.clone_state()
+        self.micro_graph, self.update_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        try:
+            with recording_like_warmup(self.model, self.inputs):
+                with torch.cuda.graph(self.micro_graph, capture_error_mode="thread_local"):
+                    self.loss = self._micro_body(self.inputs, self.items, self.divisor)
+                with torch.cuda.graph(self.update_graph, pool=self.micro_graph.pool(), capture_error_mode="thread_local"):
+                    self.grad_norm = self._update_body()
+        except Exception as exc:
+            generator.graphsafe_set_state(before)  # a failed recording leaves the generator capturing
+            if isinstance(exc, torch._dynamo.exc.RecompileError):
+                raise RuntimeError(
+                    "recording the training step would recompile the compiled model (a CUDA graph cannot "
+                    f"record compilation): the step took another path than in the warm-up ({exc})") from exc
+            raise
+        self.optimizer.update = self.update_graph.replay
+
+    # -- one micro-batch
+    def micro(self, batch: dict, num_items) -> torch.Tensor:
+        if set(batch) != set(self.inputs) or (num_items is not None) != self.uses_items:
+            raise ValueError(f"the recorded step takes {sorted(self.inputs)}"
+                             f"{' and a token count' if self.uses_items else ''}, got {sorted(batch)}")
+        divisor = getattr(self.trainer, "current_gradient_accumulation_steps", self.trainer.args.gradient_accumulation_steps)
+        shapes = {k: tuple(v.shape) for k, v in batch.items()}
+        if not self.record or any(shapes[k] != tuple(v.shape) for k, v in self.inputs.items()):
+            if self.record and tuple(shapes.items()) not in self.warned_shapes:
+                self.warned_shapes.add(tuple(shapes.items()))
+                recorded = {k: tuple(v.shape) for k, v in self.inputs.items()}
+                self._warnings.warn(f"FastTrainer: a batch of shape {shapes} differs from the recorded {recorded}; "
+                                    "it runs as an ordinary (unrecorded) micro-batch. Pad every batch to one "
+                                    "shape (make_fast_trainer's max_length) or drop the last, shorter batch "
+                                    "(dataloader_drop_last=True) to keep every step recorded.", stacklevel=3)
+            items = None if num_items is None else torch.as_tensor(num_items, device=self.params[0].device)
+            return self._micro_body(batch, items, torch.tensor(float(divisor), device=self.params[0].device))
+        for k, v in batch.items():
+            self.inputs[k].copy_(v, non_blocking=True)
+        if self.uses_items:
+            self.items.copy_(torch.as_tensor(num_items), non_blocking=True)
+        if not self.scaled:
+            self.divisor.fill_(divisor)
+        self.micro_graph.replay()
+        return self.loss
+
+
+def _raw_optimizer(optimizer):
+    """The optimizer itself, under accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _loss_scaled_for_accumulation(trainer, num_items) -> bool:
+    """Whether the Trainer's loss already counts the whole accumulated step (as ``training_step`` decides)."""
+    if getattr(trainer, "loss_is_scaled_for_ga", None) is not None:
+        return trainer.loss_is_scaled_for_ga
+    return bool((trainer.model_accepts_loss_kwargs and num_items is not None) or trainer.compute_loss_func is not None)
+
+
+def _checkpointing_on(model, args) -> bool:
+    """Whether gradient (activation) checkpointing is on, under either of transformers' names."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5, then 4
+        if hasattr(type(model), name):
+            if getattr(model, name):
+                return True
+            break
+    fields = type(args).__dataclass_fields__
+    return any(getattr(args, name) for name in ("activation_checkpointing", "gradient_checkpointing") if name in fields)
+
+
+class FastTrainer(Trainer):
+    """A ``Trainer`` whose training step is compiled and recorded as CUDA graphs, and that still
+    behaves as a Trainer: the scheduler's learning rate takes effect, gradients are clipped to
+    ``max_grad_norm``, gradient accumulation works, the loss is logged without waiting for the GPU
+    at every step, and evaluation and checkpoints work as usual.
+
+    What it changes, and why:
+
+    * the optimizer is PyTorch's AdamW with ``capturable=True`` and learning rates held in tensors
+      (``args.optim`` must be ``adamw_torch`` or ``adamw_torch_fused``, which it stands for); the
+      scheduler runs on floats and writes each new rate into those tensors
+      (``LearningRateIntoTensors``);
+    * each micro-batch replays one graph (forward, loss, backward into fixed gradient buffers),
+      and the optimizer step replays another (clip, AdamW, zero the buffers): ``RecordedStep``;
+    * ``logging_nan_inf_filter`` is off (the Trainer's filter reads every loss on the host, which
+      waits for the GPU; a nan or inf loss is logged as it is), and batches are copied to the GPU
+      without blocking.
+
+    It trains with the ordinary Trainer step, after one warning that says why, where a recording
+    cannot apply: no CUDA GPU, fp16 mixed precision (its loss scaler reads the GPU on the host
+    every step), gradient checkpointing, an optimizer given from outside, or another ``optim``.
+    ``record=False`` runs the same pieces unrecorded, on any device: the fast step's arithmetic,
+    to check it. ``compile=True`` compiles the decoder blocks first (``compile_for_training``).
+    """
+
+    def __init__(self, *args, record: bool = True, compile: bool = True, warmup: int = 2, **kwargs):
+        import copy
+
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1 step before recording, got {warmup}")
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if train_args is not None:
+            train_args = copy.deepcopy(train_args)  # the caller's arguments stay as they were
+            train_args.logging_nan_inf_filter = False
+            if torch.cuda.is_available() and not train_args.use_cpu:
+                train_args.accelerator_config.non_blocking = True
+            if "args" in kwargs:
+                kwargs["args"] = train_args
+            else:
+                args = (args[0], train_args, *args[2:])
+        self.given_optimizer = (kwargs.get("optimizers") or (None, None))[0] is not None
+        super().__init__(*args, **kwargs)
+        self.record, self.compile, self.warmup = record, compile, warmup
+        self.step_engine = None
+        self.why_ordinary = None  # the reason the ordinary step runs, once decided
+        self._decided = False
+
+    # -- where a recording applies
+    def _decide(self, model=None) -> bool:
+        """True where the fast step runs; otherwise warns once and trains with the ordinary step."""
+        import warnings
+
+        if self._decided:
+            return self.why_ordinary is None
+        model = model if model is not None else self.model
+        device = next(model.parameters()).device
+        optim = getattr(self.args.optim, "value", self.args.optim)
+        reason = None
+        if self.given_optimizer:
+            reason = "an optimizer was given to the Trainer (the fast step builds its own capturable AdamW)"
+        elif optim not in RECORDABLE_OPTIMIZERS:
+            reason = (f"optim={optim!r}: a recorded step needs PyTorch's AdamW with capturable=True; "
+                      f"use optim='adamw_torch'")
+        elif self.args.fp16:
+            reason = ("fp16 mixed precision: its loss scaler reads the GPU on the host every step; use bf16 "
+                      "(or float32) to record the step")
+        elif _checkpointing_on(model, self.args):
+            reason = "gradient checkpointing is on; the recorded step runs without it"
+        elif self.record and device.type != "cuda":
+            reason = f"the model is on {device.type}, and CUDA graphs need a CUDA GPU"
+        self.why_ordinary, self._decided = reason, True
+        if reason is not None:
+            warnings.warn(f"FastTrainer trains with the ordinary Trainer step: {reason}.", stacklevel=3)
+        return reason is None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or not self._decide(model):
+            return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+        model = model if model is not None else self.model
+        device = next(model.parameters()).device
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        for g in groups:
+            g["lr"] = torch.tensor(float(self.args.learning_rate), device=device)
+        # a tensor rate needs capturable=True or foreach=False (on a CPU, where nothing is recorded)
+        on_gpu = device.type == "cuda"
+        self.optimizer = _ReplayingAdamW(groups, lr=self.args.learning_rate,
+                                         betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                         eps=self.args.adam_epsilon, capturable=on_gpu, foreach=on_gpu)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is not None or not self._decide() or self.given_optimizer:
+            return super().create_scheduler(num_training_steps, optimizer)
+        real = _raw_optimizer(optimizer if optimizer is not None else self.optimizer)
+        shadow = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": float(self.args.learning_rate)}
+                                  for _ in real.param_groups])
+        super().create_scheduler(num_training_steps, optimizer=shadow)
+        self.lr_scheduler = LearningRateIntoTensors(self.lr_scheduler, real)
+        return self.lr_scheduler
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._decide(model):
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if self.step_engine is None:
+            if self.compile and self.record:
+                compile_for_training(_unwrapped(model))
+            self.step_engine = RecordedStep(self, model, inputs, num_items_in_batch, record=self.record,
+                                            warmup=self.warmup)
+        return self.step_engine.micro(inputs, num_items_in_batch)
+
+    def _clip_grad_norm(self, model):
+        if self.step_engine is None:
+            return super()._clip_grad_norm(model)
+        return self.step_engine.grad_norm  # filled in by the update, which optimizer.step() runs next
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self.step_engine is None:
+            return super()._get_grad_norm(model, grad_norm)
+        return self.step_engine.grad_norm
+
+
+
+def _unwrapped(model):
+    return getattr(model, "module", model)
+
+
+def make_fast_trainer(model, args, train_dataset, pad_token_id: int, eval_dataset=None, max_length: int | None = None,
+                      optimizers=(None, None), **options):
+    """``train.make_trainer`` with ``FastTrainer``: every batch padded to ``max_length`` tokens (default:
+    the longest row of the training and evaluation data), so every step has the recorded shape.
+    ``options`` go to ``FastTrainer`` (``record``, ``compile``, ``warmup``)."""
+    from .train import make_trainer
+
+    if max_length is None:
+        lengths = [len(ids) for data in (train_dataset, eval_dataset) if data is not None for ids in data["input_ids"]]
+        max_length = max(lengths)
+    return make_trainer(model, args, train_dataset, pad_token_id, optimizers=optimizers, eval_dataset=eval_dataset,
+                        pad_to=max_length, trainer_class=lambda **kw: FastTrainer(**kw, **options))

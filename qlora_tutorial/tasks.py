@@ -81,3 +81,24 @@ def exact_match(predictions, answers) -> float:
     if not answers:
         raise ValueError("no answers to score")
     return sum(clean_answer(p) == a for p, a in zip(predictions, answers)) / len(answers)
+
+
+CHAT_SYSTEM = "Write the date in words."  # the system turn of the chat-formatted task
+
+
+def chat_prompts(dataset, tokenizer, system: str = CHAT_SYSTEM):
+    """The task in an instruct model's own chat format: each prompt becomes a system turn, the
+    prompt as the user's turn, and the opening of the assistant's turn (``apply_chat_template`` with
+    ``add_generation_prompt=True``). The answer then follows the prompt directly: tokenise with
+    ``tokenize_prompt_answer(..., separator="")``, and the end-of-text token the model learns is the
+    end of the assistant's turn.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no chat template: use the plain prompts of this task "
+                         "with a base (not instruct) model")
+
+    def to_chat(row):
+        turns = [{"role": "system", "content": system}, {"role": "user", "content": row["prompt"]}]
+        return {"prompt": tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)}
+
+    return dataset.map(to_chat)

@@ -53,11 +53,13 @@ def tokenize_texts(dataset, tokenizer, column: str = "quote", max_length: int = 
     return dataset.map(encode, remove_columns=dataset.column_names)
 
 
-def tokenize_prompt_answer(dataset, tokenizer, prompt: str = "prompt", answer: str = "answer"):
-    """Tokenise prompt + ' ' + answer + end-of-text; only the answer and end-of-text are learned.
+def tokenize_prompt_answer(dataset, tokenizer, prompt: str = "prompt", answer: str = "answer", separator: str = " "):
+    """Tokenise prompt + separator + answer + end-of-text; only the answer and end-of-text are learned.
 
     The prompt's labels are -100, so the loss (and the gradient) comes from the tokens the model must
     produce. The end-of-text token is learned too: it is what stops generation after the answer.
+    ``separator=""`` for chat-formatted prompts (``tasks.chat_prompts``), which end where the
+    assistant's answer starts.
     """
     for c in (prompt, answer):
         if c not in dataset.column_names:
@@ -66,7 +68,7 @@ def tokenize_prompt_answer(dataset, tokenizer, prompt: str = "prompt", answer: s
 
     def encode(row):
         p = tokenizer(row[prompt], add_special_tokens=False)["input_ids"]
-        a = tokenizer(" " + row[answer] + eos, add_special_tokens=False)["input_ids"]
+        a = tokenizer(separator + row[answer] + eos, add_special_tokens=False)["input_ids"]
         return {"input_ids": p + a, "attention_mask": [1] * (len(p) + len(a)),
                 "labels": [IGNORE_INDEX] * len(p) + a}
 
@@ -78,12 +80,18 @@ class PadCollator:
     """Right-pad a list of tokenised rows into a batch; padded positions get label -100.
 
     The mask comes from the attention mask, never from comparing ids with ``pad_token_id`` (for
-    SmolLM2 that id is also the end-of-text token, which must stay a label).
+    SmolLM2 that id is also the end-of-text token, which must stay a label). ``pad_to`` pads every
+    batch to that many tokens (a CUDA graph replays one shape); a longer row is refused.
     """
     pad_token_id: int
+    pad_to: int | None = None
 
     def __call__(self, rows):
-        width = max(len(r["input_ids"]) for r in rows)
+        longest = max(len(r["input_ids"]) for r in rows)
+        width = longest if self.pad_to is None else self.pad_to
+        if longest > width:
+            raise ValueError(f"a row has {longest} tokens, more than pad_to={self.pad_to}: cut the rows "
+                             f"(tokenize with max_length={self.pad_to}) or pad to at least {longest}")
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for r in rows:
             n = len(r["input_ids"])
@@ -191,27 +199,32 @@ def _progress_callback():
     return StderrProgress()
 
 
-def make_trainer(model, args, train_dataset, pad_token_id: int, optimizers=(None, None)):
-    """A ``Trainer`` for ``model`` on a tokenised dataset, padded with ``PadCollator``.
+def make_trainer(model, args, train_dataset, pad_token_id: int, optimizers=(None, None), eval_dataset=None,
+                 pad_to: int | None = None, trainer_class=None):
+    """A ``Trainer`` for ``model`` on a tokenised dataset, padded with ``PadCollator`` (to ``pad_to``
+    tokens if given, else to each batch's longest row).
 
     ``optimizers`` goes to the ``Trainer`` as it is: ``(None, None)`` lets it build the optimizer
-    ``args`` asks for; LoRA+ passes ``variants.loraplus_optimizer(model, args)``. On a GPU, compile
-    the decoder blocks first (``fast.compile_for_training(model)``) to take most of the Python
-    dispatch out of each step.
+    ``args`` asks for; LoRA+ passes ``variants.loraplus_optimizer(model, args)``. ``eval_dataset``
+    (tokenised the same way) is what ``trainer.evaluate()`` scores. On a GPU, compile the decoder
+    blocks first (``fast.compile_for_training(model)``) to take most of the Python dispatch out of
+    each step, or build the trainer with ``fast.make_fast_trainer``, which also records the step.
+    ``trainer_class`` is a ``Trainer`` subclass to build instead (``fast.FastTrainer``).
 
     Its own progress display and log printer are replaced by one progress bar on stderr: the
     Trainer's ones print the log dicts (timings included) to stdout, or a table of them to a notebook.
     """
     from transformers import PrinterCallback, ProgressCallback, Trainer
 
-    missing = {"input_ids", "labels"} - set(train_dataset.column_names)
-    if missing:
-        raise ValueError(f"train_dataset lacks {sorted(missing)}: tokenise it first "
-                         "(tokenize_texts or tokenize_prompt_answer), the Trainer cannot train on raw text")
+    for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        missing = set() if data is None else {"input_ids", "labels"} - set(data.column_names)
+        if missing:
+            raise ValueError(f"{name} lacks {sorted(missing)}: tokenise it first "
+                             "(tokenize_texts or tokenize_prompt_answer), the Trainer cannot train on raw text")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no parameter of the model requires grad: wrap it with quantize_model(..., require_lora=True) first")
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=PadCollator(pad_token_id),
-                      optimizers=optimizers)
+    trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                         data_collator=PadCollator(pad_token_id, pad_to), optimizers=optimizers)
     for callback in list(trainer.callback_handler.callbacks):
         # ProgressCallback (console), NotebookProgressCallback (Jupyter), PrinterCallback (disable_tqdm)
         if isinstance(callback, (ProgressCallback, PrinterCallback)) or type(callback).__name__ == "NotebookProgressCallback":

@@ -41,3 +41,25 @@ def test_seed_repeats():
 def test_time_matmul_measures_both_dtypes():
     fp32, bf16 = time_matmul(torch.float32, size=64, repeat=3), time_matmul(torch.bfloat16, size=64, repeat=3)
     assert 0 < fp32 < 1 and 0 < bf16 < 1
+
+
+def test_qlora_dtype_forces_float16_on_a_gpu(monkeypatch):
+    """The T4's path (no bfloat16) on any GPU: QLORA_DTYPE=float16; other values are refused."""
+    from qlora_tutorial.device import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.delenv("QLORA_DEVICE", raising=False)
+    monkeypatch.delenv("QLORA_DTYPE", raising=False)
+    assert pick_device().dtype == torch.bfloat16
+    monkeypatch.setenv("QLORA_DTYPE", "float16")
+    assert pick_device().dtype == torch.float16 and pick_device().device.type == "cuda"
+    monkeypatch.setenv("QLORA_DTYPE", "float32")
+    with pytest.raises(ValueError, match="QLORA_DTYPE='float32'"):
+        pick_device()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setenv("QLORA_DTYPE", "bfloat16")
+    with pytest.raises(RuntimeError, match="no bfloat16"):
+        pick_device()
+    monkeypatch.setenv("QLORA_DEVICE", "cpu")
+    assert pick_device().dtype == torch.float32  # a CPU computes in float32 whatever QLORA_DTYPE says

@@ -163,7 +163,8 @@ def test_recording_keeps_the_warmup_attention_path(monkeypatch):
     """transformers 5.17 builds a full causal mask when it sees a CUDA graph recording (it cannot check
     the batch for padding or packing then); the compiled layers, warmed up without a mask, would then
     recompile inside the recording, which fails. ``recording_like_warmup`` keeps the mask-free path for
-    a batch without padding. The recording is simulated by transformers' own check answering yes."""
+    a batch without padding; ``same_mask_path`` gives a batch with an attention mask the full mask on both
+    sides. The recording is simulated by transformers' own check answering yes."""
     import transformers.utils.import_utils as transformers_utils
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
@@ -186,10 +187,13 @@ def test_recording_keeps_the_warmup_attention_path(monkeypatch):
             assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**asked) is None  # the attention's causal flag instead
             recorded = model(input_ids=ids).logits
         assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is original  # as it was
+        # an attention mask given: the full mask, recorded or not, even where it masks nothing
         padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        with fast.recording_like_warmup(model, padded):  # a padding mask: transformers' own path
-            assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is original
+        monkeypatch.setattr(transformers_utils, "is_cuda_stream_capturing", lambda: False)
+        outside = model(**padded).logits
+        with fast.same_mask_path(model, padded):
             model(**padded)
+        assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is original
     # the other half of its job: whatever would still compile while recording raises, naming the cause
     double = torch.compile(lambda t: 2 * t, backend="eager")
     double(torch.ones(3))
@@ -197,7 +201,9 @@ def test_recording_keeps_the_warmup_attention_path(monkeypatch):
         with fast.recording_like_warmup(torch.nn.Linear(2, 2), {}):
             double(torch.ones(3, dtype=torch.float64))
     assert masks[0] is None and masks[1] is None  # outside a recording, and recording with the helper
-    assert isinstance(masks[2], torch.Tensor)  # padding given: transformers builds the mask while recording
+    assert masks[2] is None  # no padding, outside a recording: transformers' shortcut
+    assert torch.equal(masks[3], torch.ones(16, 16, dtype=torch.bool).tril().expand(2, 1, 16, 16))  # one path
+    torch.testing.assert_close(outside, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(recorded, expected, rtol=1e-5, atol=1e-5)
 
 

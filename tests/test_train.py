@@ -180,3 +180,28 @@ def test_set_checkpointing(tok):
     assert model.is_gradient_checkpointing
     T.set_checkpointing(model, False)
     assert not model.is_gradient_checkpointing
+
+
+def test_chat_prompts_put_the_task_in_the_models_chat_format(tok):
+    from qlora_tutorial.tasks import CHAT_SYSTEM, chat_prompts
+
+    ds = datasets.Dataset.from_list([{"prompt": "Date: 2021-07-04\nIn words:", "answer": "4 July 2021"}])
+    chat = chat_prompts(ds, tok)
+    prompt = chat[0]["prompt"]
+    assert CHAT_SYSTEM in prompt and "Date: 2021-07-04\nIn words:" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n") and chat[0]["answer"] == "4 July 2021"
+    row = T.tokenize_prompt_answer(chat, tok, separator="")[0]
+    learned = [t for t in row["labels"] if t != T.IGNORE_INDEX]
+    assert tok.decode(learned) == "4 July 2021" + tok.eos_token == "4 July 2021<|im_end|>"
+    assert tok.decode(row["input_ids"]) == prompt + "4 July 2021<|im_end|>"
+
+
+def test_chat_prompts_need_a_chat_template(tok):
+    from qlora_tutorial.tasks import chat_prompts
+
+    class Plain:
+        chat_template = None
+
+    ds = datasets.Dataset.from_list([{"prompt": "Date: 2021-07-04\nIn words:", "answer": "4 July 2021"}])
+    with pytest.raises(ValueError, match="has no chat template"):
+        chat_prompts(ds, Plain())
