@@ -290,6 +290,7 @@ class RecordedStep:
         self.warned_shapes: set = set()
         self._warnings = warnings
         self.grad_norm = torch.zeros((), device=self.params[0].device)
+        self.has_grad = None  # which parameters the loss reaches, from the first backward
         if not record:
             optimizer.update = self._update_eager
             return
@@ -303,13 +304,15 @@ class RecordedStep:
         if not self.scaled:
             loss = loss / divisor
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        if self.has_grad is None:  # a parameter the loss does not reach gets no gradient, as in the Trainer
+            self.has_grad = [g is not None for g in grads]
         pairs = [(b, g) for b, g in zip(self.grads, grads) if g is not None]
         torch._foreach_add_([b for b, _ in pairs], [g for _, g in pairs])
         return loss.detach()
 
     def _update_body(self):
-        for p, g in zip(self.params, self.grads):
-            p.grad = g
+        for p, g, used in zip(self.params, self.grads, self.has_grad or [True] * len(self.params)):
+            p.grad = g if used else None  # AdamW and the clipping skip a parameter without a gradient
         limit = self.max_norm if self.max_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
         torch.optim.AdamW.step(self.optimizer)
@@ -323,8 +326,11 @@ class RecordedStep:
     def _record(self, batch, num_items, warmup):
         if warmup < 1:
             raise ValueError(f"warmup must be at least 1 (kernels and compilation must exist before recording), got {warmup}")
-        with torch.no_grad():
+        with torch.no_grad():  # what the warm-up changes, to put back (a resumed run's AdamW state included)
             saved = [p.detach().clone() for p in self.params]
+            saved_state = {p: {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
+                           for p, state in self.optimizer.state.items()}
+        rng = torch.cuda.get_rng_state()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), same_mask_path(self.model, self.inputs):
@@ -335,12 +341,14 @@ class RecordedStep:
         with torch.no_grad():  # back to where an ordinary run starts: the warm-up trained on one batch
             for p, s in zip(self.params, saved):
                 p.copy_(s)
-            for state in self.optimizer.state.values():
-                for value in state.values():
-                    if torch.is_tensor(value):
-                        value.zero_()
+            for p, state in self.optimizer.state.items():
+                before = saved_state.get(p, {})
+                for key, value in state.items():
+                    if torch.is_tensor(value):  # as it was, or as a fresh AdamW starts: zeros, step 0
+                        value.copy_(before[key]) if key in before else value.zero_()
             torch._foreach_zero_(self.grads)
-        del saved
+        torch.cuda.set_rng_state(rng)  # the warm-up's random draws (dropout) are not the run's
+        del saved, saved_state
         generator = torch.cuda.default_generators[torch.cuda.current_device()]
         before = generator.clone_state()
         self.micro_graph, self.update_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
@@ -399,14 +407,14 @@ def _loss_scaled_for_accumulation(trainer, num_items) -> bool:
 
 
 def _checkpointing_on(model, args) -> bool:
-    """Whether gradient (activation) checkpointing is on, under either of transformers' names."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5, then 4
-        if hasattr(type(model), name):
-            if getattr(model, name):
-                return True
-            break
+    """Whether gradient (activation) checkpointing is on, under either of transformers' names (a
+    PeftModel answers for the model it wraps)."""
+    flag = getattr(model, "is_activation_checkpointing", None)  # transformers 5
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)  # transformers 4
     fields = type(args).__dataclass_fields__
-    return any(getattr(args, name) for name in ("activation_checkpointing", "gradient_checkpointing") if name in fields)
+    return bool(flag) or any(getattr(args, name) for name in ("activation_checkpointing", "gradient_checkpointing")
+                             if name in fields)
 
 
 class FastTrainer(Trainer):
@@ -427,9 +435,12 @@ class FastTrainer(Trainer):
       waits for the GPU; a nan or inf loss is logged as it is), and batches are copied to the GPU
       without blocking.
 
-    It trains with the ordinary Trainer step, after one warning that says why, where a recording
-    cannot apply: no CUDA GPU, fp16 mixed precision (its loss scaler reads the GPU on the host
-    every step), gradient checkpointing, an optimizer given from outside, or another ``optim``.
+    It trains with the ordinary Trainer step (compiled, on a GPU), after one warning that says why,
+    where a recording cannot apply: no CUDA GPU, fp16 mixed precision (its loss scaler reads the GPU
+    on the host every step), gradient checkpointing, an optimizer given from outside, another
+    ``optim``, or the ``reduce_lr_on_plateau`` schedule. After each step the Trainer sets every
+    ``p.grad`` to None as usual; the recorded gradients live in the step's own buffers, so a callback
+    that reads ``p.grad`` sees None.
     ``record=False`` runs the same pieces unrecorded, on any device: the fast step's arithmetic,
     to check it. ``compile=True`` compiles the decoder blocks first (``compile_for_training``).
     """
@@ -454,7 +465,7 @@ class FastTrainer(Trainer):
         self.record, self.compile, self.warmup = record, compile, warmup
         self.step_engine = None
         self.why_ordinary = None  # the reason the ordinary step runs, once decided
-        self._decided = False
+        self._decided = self._compiled = False
 
     # -- where a recording applies
     def _decide(self, model=None) -> bool:
@@ -472,6 +483,9 @@ class FastTrainer(Trainer):
         elif optim not in RECORDABLE_OPTIMIZERS:
             reason = (f"optim={optim!r}: a recorded step needs PyTorch's AdamW with capturable=True; "
                       f"use optim='adamw_torch'")
+        elif getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type) == "reduce_lr_on_plateau":
+            reason = ("lr_scheduler_type='reduce_lr_on_plateau' steps on evaluation metrics, which the recorded "
+                      "step's rate tensors are not written from; use another schedule")
         elif self.args.fp16:
             reason = ("fp16 mixed precision: its loss scaler reads the GPU on the host every step; use bf16 "
                       "(or float32) to record the step")
@@ -515,12 +529,16 @@ class FastTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self._decide(model):
+            if self.compile and not self._compiled and next(model.parameters()).is_cuda:
+                compile_for_training(_unwrapped(model))  # the ordinary step, compiled as chapter 8 does
+                self._compiled = True
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
         if self.step_engine is None:
-            if self.compile and self.record:
+            if self.compile and self.record and not self._compiled:
                 compile_for_training(_unwrapped(model))
+                self._compiled = True
             self.step_engine = RecordedStep(self, model, inputs, num_items_in_batch, record=self.record,
                                             warmup=self.warmup)
         return self.step_engine.micro(inputs, num_items_in_batch)

@@ -205,3 +205,37 @@ def test_recorded_trainer_evaluates_and_saves_checkpoints(tmp_path):
     assert len(evaluations) == 2 and all(math.isfinite(x) for x in evaluations)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     assert (tmp_path / "checkpoint-8" / "optimizer.pt").is_file() and (tmp_path / "checkpoint-8" / "scheduler.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_plateau_schedule_falls_back(tmp_path):
+    """reduce_lr_on_plateau steps on evaluation metrics, which the rate tensors are not written from."""
+    with pytest.warns(UserWarning, match="reduce_lr_on_plateau"):
+        trainer, logs, _ = run({"record": False, "compile": False}, tmp_path, "cpu", None, rows(8, seed=1), max_steps=2,
+                               lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps", eval_steps=1)
+    assert trainer.step_engine is None and len(logs) == 2
+
+
+def test_checkpointing_is_seen_through_a_peft_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(vocab_size=VOCAB)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    args = arguments("unused", "cpu")
+    assert not fast._checkpointing_on(peft_model, args)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    assert fast._checkpointing_on(peft_model, args)  # what prepare_model_for_kbit_training turns on
+
+
+@pytest.mark.slow
+def test_a_parameter_without_gradient_is_left_alone(tmp_path):
+    """The ordinary Trainer's AdamW skips a parameter whose gradient is None (no weight decay either);
+    the fast step's pieces do the same."""
+    torch.manual_seed(0)
+    model = model_on("cpu")
+    model.unused = torch.nn.Parameter(torch.ones(3))  # trainable, and the loss never reaches it
+    trainer = fast.make_fast_trainer(model, arguments(tmp_path, "cpu", max_steps=2, weight_decay=0.5), rows(),
+                                     pad_token_id=0, record=False, compile=False)
+    trainer.train()
+    assert trainer.step_engine.has_grad.count(False) == 1
+    assert torch.equal(model.unused.detach(), torch.ones(3))
