@@ -344,8 +344,12 @@ class RecordedStep:
             for p, state in self.optimizer.state.items():
                 before = saved_state.get(p, {})
                 for key, value in state.items():
-                    if torch.is_tensor(value):  # as it was, or as a fresh AdamW starts: zeros, step 0
-                        value.copy_(before[key]) if key in before else value.zero_()
+                    if not torch.is_tensor(value):
+                        continue
+                    if key in before:  # as it was (a resumed run's state)
+                        value.copy_(before[key])
+                    else:  # as a fresh AdamW starts: zero moments, step 0
+                        value.zero_()
             torch._foreach_zero_(self.grads)
         torch.cuda.set_rng_state(rng)  # the warm-up's random draws (dropout) are not the run's
         del saved, saved_state
