@@ -60,18 +60,18 @@ def qlora_layer_diagram(storage: str = "uint8, 2 NF4 codes a byte", compute_dtyp
 
     # Forward, LoRA branch (bottom row): x -> W_a -> W_b -> scale.
     _box(ax, 4.0, 1.9, 2.1, 0.9, f"W_a (in x r)\n{adapter_dtype}, trains\ncast to {compute_dtype}", STORED)
-    _box(ax, 6.6, 1.9, 1.9, 0.9, f"x W_a  (tokens x r)\nkept: W_b's gradient\n@ W_b (r x out), trains", STORED,
+    _box(ax, 6.75, 1.9, 2.3, 0.9, "x W_a  (tokens x r)\nkept: W_b's gradient\n@ W_b (r x out), trains", STORED,
          saved=True)
-    _box(ax, 8.5, 1.9, 1.1, 0.7, "x s\n(alpha / r)", TEMPORARY)
+    _box(ax, 8.7, 1.9, 1.1, 0.7, "x s\n(alpha / r)", TEMPORARY)
     _arrow(ax, (2.0, 2.75), (2.95, 2.1))
-    _arrow(ax, (5.05, 1.9), (5.65, 1.9))
-    _arrow(ax, (7.55, 1.9), (7.95, 1.9))
+    _arrow(ax, (5.05, 1.9), (5.6, 1.9))
+    _arrow(ax, (7.9, 1.9), (8.15, 1.9))
 
     # Sum and output.
     _box(ax, 9.2, 3.3, 0.6, 0.6, "+", "white", fontsize=13)
     _box(ax, 10.3, 3.3, 1.2, 0.8, f"y\n{compute_dtype}", STORED)
     _arrow(ax, (7.55, 4.1), (8.9, 3.45))
-    _arrow(ax, (8.6, 2.25), (9.05, 3.0))
+    _arrow(ax, (8.8, 2.25), (9.1, 3.0))
     _arrow(ax, (9.5, 3.3), (9.7, 3.3))
 
     # Backward (red, dashed): dL/dy -> dL/dx through the frozen, dequantized weight; and into the adapters.
@@ -79,16 +79,16 @@ def qlora_layer_diagram(storage: str = "uint8, 2 NF4 codes a byte", compute_dtyp
            label="dL/dy", label_at=0.15, label_offset=(0.25, 0.25))
     _arrow(ax, (3.3, 4.65), (2.2, 3.7), color=BACKWARD, dashed=True,
            label="dL/dx = dL/dy @ W\n(W dequantized again;\nno gradient for W itself)", label_at=0.5,
-           label_offset=(-0.95, -0.25))
-    _arrow(ax, (9.9, 2.9), (7.2, 1.4), color=BACKWARD, dashed=True, rad=-0.3,
-           label="dL/dW_b, dL/dW_a", label_at=0.55, label_offset=(0.9, -0.55))
+           label_offset=(1.15, -0.33))
+    _arrow(ax, (10.1, 2.9), (7.3, 1.4), color=BACKWARD, dashed=True, rad=-0.55,
+           label="dL/dW_b, dL/dW_a", label_at=0.0, label_offset=(0.25, -1.7))
 
     # Legend.
     items = [(STORED, "-", "#444444", "in memory for the whole step"),
              (TEMPORARY, "-", "#444444", "temporary, inside one call"),
              ("white", "--", SAVED, "kept by autograd for backward")]
     for i, (face, style, edge, text) in enumerate(items):
-        x0 = 0.3 + 2.9 * i
+        x0 = 0.3 + 3.0 * i
         ax.add_patch(FancyBboxPatch((x0, 0.25), 0.45, 0.3, boxstyle="round,pad=0.02", facecolor=face,
                                     edgecolor=edge, linestyle=style, linewidth=2 if style == "--" else 1))
         ax.text(x0 + 0.6, 0.4, text, va="center", fontsize=8.5)
