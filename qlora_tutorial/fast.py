@@ -15,12 +15,15 @@ operations per step while the GPU waits. Three tools remove that, each measured 
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
 
 import torch
 from torch import nn
 from transformers import Trainer
 
 from . import nf4_triton  # noqa: F401  (registers the Triton kernel as the CUDA backend of the 4-bit matmul)
+from .train import checkpointing_on, make_trainer
 
 
 # ------------------------------------------------------------------ compilation
@@ -275,8 +278,6 @@ class RecordedStep:
     """
 
     def __init__(self, trainer, model, batch: dict, num_items, record: bool = True, warmup: int = 2):
-        import warnings
-
         self.trainer, self.model, self.record = trainer, model, record
         self.optimizer = optimizer = _raw_optimizer(trainer.optimizer)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -288,7 +289,6 @@ class RecordedStep:
         self.items = torch.as_tensor(num_items, device=self.params[0].device).clone() if self.uses_items else None
         self.divisor = torch.ones((), device=self.params[0].device)
         self.warned_shapes: set = set()
-        self._warnings = warnings
         self.grad_norm = torch.zeros((), device=self.params[0].device)
         self.has_grad = None  # which parameters the loss reaches, from the first backward
         if not record:
@@ -382,7 +382,7 @@ class RecordedStep:
             if self.record and tuple(shapes.items()) not in self.warned_shapes:
                 self.warned_shapes.add(tuple(shapes.items()))
                 recorded = {k: tuple(v.shape) for k, v in self.inputs.items()}
-                self._warnings.warn(f"FastTrainer: a batch of shape {shapes} differs from the recorded {recorded}; "
+                warnings.warn(f"FastTrainer: a batch of shape {shapes} differs from the recorded {recorded}; "
                                     "it runs as an ordinary (unrecorded) micro-batch. Pad every batch to one "
                                     "shape (make_fast_trainer's max_length) or drop the last, shorter batch "
                                     "(dataloader_drop_last=True) to keep every step recorded.", stacklevel=3)
@@ -408,17 +408,6 @@ def _loss_scaled_for_accumulation(trainer, num_items) -> bool:
     if getattr(trainer, "loss_is_scaled_for_ga", None) is not None:
         return trainer.loss_is_scaled_for_ga
     return bool((trainer.model_accepts_loss_kwargs and num_items is not None) or trainer.compute_loss_func is not None)
-
-
-def _checkpointing_on(model, args) -> bool:
-    """Whether gradient (activation) checkpointing is on, under either of transformers' names (a
-    PeftModel answers for the model it wraps)."""
-    flag = getattr(model, "is_activation_checkpointing", None)  # transformers 5
-    if flag is None:
-        flag = getattr(model, "is_gradient_checkpointing", False)  # transformers 4
-    fields = type(args).__dataclass_fields__
-    return bool(flag) or any(getattr(args, name) for name in ("activation_checkpointing", "gradient_checkpointing")
-                             if name in fields)
 
 
 class FastTrainer(Trainer):
@@ -450,8 +439,6 @@ class FastTrainer(Trainer):
     """
 
     def __init__(self, *args, record: bool = True, compile: bool = True, warmup: int = 2, **kwargs):
-        import copy
-
         if warmup < 1:
             raise ValueError(f"warmup must be at least 1 step before recording, got {warmup}")
         train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -474,8 +461,6 @@ class FastTrainer(Trainer):
     # -- where a recording applies
     def _decide(self, model=None) -> bool:
         """True where the fast step runs; otherwise warns once and trains with the ordinary step."""
-        import warnings
-
         if self._decided:
             return self.why_ordinary is None
         model = model if model is not None else self.model
@@ -493,7 +478,7 @@ class FastTrainer(Trainer):
         elif self.args.fp16:
             reason = ("fp16 mixed precision: its loss scaler reads the GPU on the host every step; use bf16 "
                       "(or float32) to record the step")
-        elif _checkpointing_on(model, self.args):
+        elif checkpointing_on(model, self.args):
             reason = "gradient checkpointing is on; the recorded step runs without it"
         elif self.record and device.type != "cuda":
             reason = f"the model is on {device.type}, and CUDA graphs need a CUDA GPU"
@@ -568,8 +553,6 @@ def make_fast_trainer(model, args, train_dataset, pad_token_id: int, eval_datase
     """``train.make_trainer`` with ``FastTrainer``: every batch padded to ``max_length`` tokens (default:
     the longest row of the training and evaluation data), so every step has the recorded shape.
     ``options`` go to ``FastTrainer`` (``record``, ``compile``, ``warmup``)."""
-    from .train import make_trainer
-
     if max_length is None:
         lengths = [len(ids) for data in (train_dataset, eval_dataset) if data is not None for ids in data["input_ids"]]
         max_length = max(lengths)

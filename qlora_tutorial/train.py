@@ -173,6 +173,19 @@ def set_checkpointing(model, on: bool) -> None:
         (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
 
 
+def checkpointing_on(model, args=None) -> bool:
+    """Whether gradient (activation) checkpointing is on for ``model`` (a PeftModel answers for the
+    model it wraps) or asked for by ``args``, under either of transformers' names."""
+    flag = getattr(model, "is_activation_checkpointing", None)  # transformers 5
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)  # transformers 4
+    if args is None:
+        return bool(flag)
+    fields = type(args).__dataclass_fields__
+    return bool(flag) or any(getattr(args, name) for name in ("activation_checkpointing", "gradient_checkpointing")
+                             if name in fields)
+
+
 def _progress_callback():
     from transformers import TrainerCallback
 

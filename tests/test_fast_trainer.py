@@ -222,9 +222,9 @@ def test_checkpointing_is_seen_through_a_peft_model():
     model = tiny_llama(vocab_size=VOCAB)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
     args = arguments("unused", "cpu")
-    assert not fast._checkpointing_on(peft_model, args)
+    assert not T.checkpointing_on(peft_model, args)
     model.gradient_checkpointing_enable({"use_reentrant": False})
-    assert fast._checkpointing_on(peft_model, args)  # what prepare_model_for_kbit_training turns on
+    assert T.checkpointing_on(peft_model, args)  # what prepare_model_for_kbit_training turns on
 
 
 @pytest.mark.slow

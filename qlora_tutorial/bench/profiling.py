@@ -99,5 +99,9 @@ def gpu_busy_ms(step, steps: int, device: torch.device) -> float | None:
         for _ in range(steps):
             step()
         _sync(device)
-    total_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return total_us / 1000 / steps
+    return device_ms_per_step(prof, steps)
+
+
+def device_ms_per_step(prof, steps: int) -> float:
+    """The device's own time per step in a finished profile (the total under its table), in ms."""
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / steps

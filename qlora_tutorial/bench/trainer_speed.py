@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .profiling import device_ms_per_step
 from .results import GIB, provenance, shown_command, write_json
 
 JSON_PATH = Path("book") / "data" / "trainer_speed.json"
@@ -51,8 +52,7 @@ def _window_callback(timing: dict, wall: tuple[int, int], profiled: tuple[int, i
             if step == profiled[1]:
                 prof = timing.pop("profiler")
                 prof.__exit__(None, None, None)
-                busy_us = sum(e.self_device_time_total for e in prof.key_averages())
-                timing["gpu_ms"] = busy_us / 1000 / (profiled[1] - profiled[0])
+                timing["gpu_ms"] = device_ms_per_step(prof, profiled[1] - profiled[0])
 
     return Window()
 
