@@ -59,6 +59,16 @@ def test_ours_and_peft_train_the_same_parameters(folder, mode):
     assert counts["ours"] == counts["peft"] == expected_trainable(config, 4)
 
 
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_each_setup_says_what_its_lora_matrices_are_stored_in(folder, mode):
+    """On a bf16 model: PEFT as it comes keeps them in float32 (autocast_adapter_dtype=True), "peft-nocast"
+    in bf16, ours in float32 (computed in bf16); full fine-tuning has none."""
+    stored = {impl: bench.adapter_dtype(bench.build(mode, impl, folder, CPU, torch.bfloat16, r=4, alpha=8))
+              for impl in ("ours", "peft", "peft-nocast")}
+    assert stored == {"ours": "float32", "peft": "float32", "peft-nocast": "bfloat16"}
+    assert bench.adapter_dtype(bench.build("full", "torch", folder, CPU, torch.bfloat16)) == ""
+
+
 def test_all_setups_start_from_the_same_weights(folder):
     """Same weights and LoRA's B = 0: every setup computes the same loss on the first batch."""
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -69,6 +79,8 @@ def test_all_setups_start_from_the_same_weights(folder):
             losses[(mode, impl)] = model(input_ids=ids, labels=ids).loss.item()
     assert losses[("lora", "ours")] == pytest.approx(losses[("full", "torch")], abs=1e-5)
     assert losses[("lora", "peft")] == pytest.approx(losses[("full", "torch")], abs=1e-5)
+    assert losses[("lora", "peft-nocast")] == losses[("lora", "peft")]  # float32 model: the same model
+    assert losses[("qlora", "peft-nocast")] == losses[("qlora", "peft")]
     # same NF4 bytes; on CPUs with AVX512-BF16 bitsandbytes' inference path (PEFT's base) rounds the
     # block scales to bf16, which our layer switches off: equal to about 1e-5 relative, not exactly
     assert losses[("qlora", "ours")] == pytest.approx(losses[("qlora", "peft")], rel=1e-4)
@@ -129,7 +141,8 @@ def test_table_totals_reads_the_profiler_totals():
 def row(mode, impl, step_s, peak, **kw):
     base = {"mode": mode, "implementation": impl, "compiled": "eager", "optimizer": "adamw", "batch": 4, "seq": 512,
             "grad_ckpt": False, "step_s": step_s, "step_s_spread": "", "gpu_ms_per_step": "",
-            "tokens_per_s": 2048 / step_s, "peak_gib": peak, "weights_gib": 1.0, "trainable": 10, "device": "d",
+            "tokens_per_s": 2048 / step_s, "peak_gib": peak, "weights_gib": 1.0, "trainable": 10, "adapter_dtype": "float32",
+            "device": "d",
             "torch": "t", "bitsandbytes": "b", "transformers": "tr", "peft": "p", "date": "2026-01-01",
             "command": "python -m qlora_tutorial.bench"}
     return {**base, **kw}
@@ -156,7 +169,9 @@ def test_repository_address_agrees_with_the_book_config():
 
 def test_committed_results_have_provenance():
     rows = bench.load_benchmark()
-    assert {(r["mode"], r["implementation"]) for r in rows} == set(bench.SETUPS)
+    # the sweep and the speed runs of the CSV; PEFT with autocast_adapter_dtype=False has its own run
+    # (gpu_speed_peft.json, checked in test_gpu_records)
+    assert {(r["mode"], r["implementation"]) for r in rows} == {s for s in bench.SETUPS if s[1] != "peft-nocast"}
     for r in rows:
         assert r["device"] and r["torch"] and r["bitsandbytes"] and r["date"]
         assert r["command"].startswith("python -m qlora_tutorial.bench")

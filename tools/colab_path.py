@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=480, help="seconds one chapter may take")
     parser.add_argument("--json", type=Path, default=BOOK / "data" / "colab_path.json")
     parser.add_argument("--logs", type=Path, default=None, help="keep each chapter's output in this folder")
+    parser.add_argument("--update", action="store_true",
+                        help="rerun only the chapters named, replacing their runs in --json; the rerun's "
+                             "provenance is added to the record's provenance under 'reruns'")
     parser.add_argument("chapters", nargs="*", help="notebooks (default: every chapter)")
     args = parser.parse_args(argv)
     import torch
@@ -99,14 +102,26 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             runs.append(row)
     runs.sort(key=lambda r: (r["compute_dtype"] != "bfloat16", r["chapter"]))
-    record = {
-        "what": "Every chapter run on a CUDA GPU as a Colab reader runs it, with bfloat16 compute and with "
-                "float16 forced (the T4's path).",
-        "how": __doc__.split("\n\n", 2)[2].replace("\n", " ").strip(),
-        "provenance": {**provenance(torch.device("cuda"), command), "jobs_at_once": args.jobs,
-                       "model_setup_seconds": round(setup_s, 1)},
-        "runs": runs,
-    }
+    made = {**provenance(torch.device("cuda"), command), "jobs_at_once": args.jobs,
+            "model_setup_seconds": round(setup_s, 1)}
+    if args.update:  # the earlier record, with the named chapters' runs replaced by this run's
+        record = json.loads(args.json.read_text())
+        reruns = record["provenance"].setdefault("reruns", [])
+        reruns.append(made)
+        for row in runs:
+            row["rerun"] = len(reruns) - 1  # index into provenance["reruns"]
+        again = {(r["chapter"], r["compute_dtype"]) for r in runs}
+        runs = [r for r in record["runs"] if (r["chapter"], r["compute_dtype"]) not in again] + runs
+        runs.sort(key=lambda r: (r["compute_dtype"] != "bfloat16", r["chapter"]))
+        record["runs"] = runs
+    else:
+        record = {
+            "what": "Every chapter run on a CUDA GPU as a Colab reader runs it, with bfloat16 compute and with "
+                    "float16 forced (the T4's path).",
+            "how": __doc__.split("\n\n", 2)[2].replace("\n", " ").strip(),
+            "provenance": made,
+            "runs": runs,
+        }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=1) + "\n")
     failed = [f"{r['chapter']} ({r['compute_dtype']})" for r in runs if not r["ok"]]

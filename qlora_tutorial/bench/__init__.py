@@ -41,7 +41,7 @@ from .results import (CSV_COLUMNS, CSV_PATH, GIB, KERNELS_PATH, RAW_DATA_URL, RE
 from .speed import (COMPILED, DEFAULT_SPEED_SETUPS, OPTIMIZERS, Prepared, Setup, make_optimizer, paired_ratio,
                     parse_speed_setups, run_rounds, speed_targets)
 from .step import Point, train_step
-from .suite import (SETUPS, TARGETS, bench_config, build, measure, parse_setups, parse_shapes, run_suite,
+from .suite import (SETUPS, TARGETS, adapter_dtype, bench_config, build, measure, parse_setups, parse_shapes, run_suite,
                     save_random_model)
 
 __all__ = [
@@ -54,7 +54,7 @@ __all__ = [
     # profiling
     "count_dispatched_ops", "gpu_busy_ms", "profile_steps", "table_totals",
     # suite
-    "SETUPS", "TARGETS", "bench_config", "build", "measure", "parse_setups", "parse_shapes", "run_suite",
+    "SETUPS", "TARGETS", "adapter_dtype", "bench_config", "build", "measure", "parse_setups", "parse_shapes", "run_suite",
     "save_random_model",
     # speed
     "COMPILED", "DEFAULT_SPEED_SETUPS", "OPTIMIZERS", "Prepared", "Setup", "make_optimizer", "paired_ratio",

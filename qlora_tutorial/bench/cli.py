@@ -14,7 +14,7 @@ import torch
 
 from .. import nf4_triton
 from .kernels import kernel_benchmark
-from .results import (CSV_PATH, GIB, KERNELS_PATH, compare, merge_rows, provenance, read_csv, triton_version,
+from .results import (CSV_PATH, GIB, KERNELS_PATH, compare, merge_rows, provenance, read_csv, shown_command, triton_version,
                       write_csv, write_json)
 from .speed import DEFAULT_SPEED_SETUPS, parse_speed_setups, run_rounds, speed_targets
 from .step import Point
@@ -85,8 +85,9 @@ def main(argv=None) -> int:
     steps = args.steps if args.steps is not None else (2 if args.quick else 15)
     ckpt = {"both": [False, True], "off": [False], "on": [True]}[args.grad_ckpt]
     setups = parse_setups(args.setups)
-    command = "python -m qlora_tutorial.bench" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(
-        argv if argv is not None else sys.argv[1:]))
+    # recorded without its output paths (those of the machine that ran it): what a reader types again
+    command = shown_command("python -m qlora_tutorial.bench" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(
+        argv if argv is not None else sys.argv[1:])))
     print(f"{runtime}; {sum(1 for _ in shapes) * len(ckpt) * len(setups)} measurements, warmup {warmup}, "
           f"steps {steps}", flush=True)
     started = time.perf_counter()

@@ -138,11 +138,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .results import provenance
+    from .results import provenance, shown_command
 
     if not torch.cuda.is_available():
         raise SystemExit("the quality study trains 60 models: it is meant for a CUDA GPU")
-    command = "python -m qlora_tutorial.bench.quality " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:]))
+    # recorded without --out (a folder on the machine that ran it): what a reader types again
+    command = shown_command("python -m qlora_tutorial.bench.quality " + " ".join(
+        map(shlex.quote, argv if argv is not None else sys.argv[1:])))
     stamp = provenance(torch.device("cuda"), command.strip())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

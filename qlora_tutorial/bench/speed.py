@@ -17,7 +17,7 @@ from .. import memory
 from .profiling import gpu_busy_ms
 from .results import GIB, provenance
 from .step import Point, _allocated, _free, _sync, train_step
-from .suite import SETUPS, build, save_random_model
+from .suite import SETUPS, adapter_dtype, build, save_random_model
 
 COMPILED = ("eager", "compile", "cudagraphs")
 OPTIMIZERS = ("adamw", "paged_adamw", "adamw8bit", "paged_adamw8bit")
@@ -97,6 +97,7 @@ class Prepared:
         if device.type == "cuda":  # the peak of training, not of loading (which may briefly hold more)
             torch.cuda.reset_peak_memory_stats(device)
         self.trainable, self.total = count_parameters(self.model)
+        self.adapter_dtype = adapter_dtype(self.model)
         self.autocast = dtype if setup.implementation == "torch-amp" else None
         generator = torch.Generator(device=device).manual_seed(seed)
         self.input_ids = torch.randint(0, self.model.config.vocab_size, (point.batch, point.seq), device=device,
@@ -255,7 +256,7 @@ def _speed_row(p: Prepared, round_times: list, round_gpu: list, point: Point, de
             "tokens_per_s": round(point.batch * point.seq / step_s, 1),
             "peak_gib": round(p.peak / GIB, 4) if device.type == "cuda" else "",
             "weights_gib": round(p.weights / GIB, 4) if device.type == "cuda" else "",
-            "trainable": p.trainable, **provenance}
+            "trainable": p.trainable, "adapter_dtype": p.adapter_dtype, **provenance}
 
 
 def speed_targets(rows: list[dict]) -> list[dict]:

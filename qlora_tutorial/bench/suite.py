@@ -20,8 +20,11 @@ from .step import Point, _allocated, _free, _sync, train_step
 
 # (mode, implementation) in the order they run. "torch": pure bf16 weights and bf16 AdamW;
 # "torch-amp": what practitioners run, float32 master weights, bf16 autocast, float32 AdamW.
+# "peft": PEFT as it comes, which keeps the LoRA matrices in float32 and computes their branch in float32
+# on a bf16 model (``autocast_adapter_dtype=True``); "peft-nocast": PEFT with ``autocast_adapter_dtype=False``,
+# its LoRA matrices in the model's dtype. Ours stores them in float32 and computes in the model's dtype.
 SETUPS = [("full", "torch"), ("full", "torch-amp"), ("lora", "ours"), ("lora", "peft"), ("qlora", "ours"),
-          ("qlora", "peft")]
+          ("qlora", "peft"), ("lora", "peft-nocast"), ("qlora", "peft-nocast")]
 
 # every linear layer of a Llama decoder layer (lm_head stays as it is, as PEFT's default does)
 TARGETS = list(TARGET_PRESETS["all"])
@@ -86,7 +89,7 @@ def build(mode: str, implementation: str, folder: Path, device: torch.device, dt
     # mixed precision keeps float32 weights; autocast computes in `dtype` (see train_step)
     kwargs = {"dtype": torch.float32 if implementation == "torch-amp" else dtype, "device_map": {"": str(device)},
               "attn_implementation": "sdpa"}
-    if (mode, implementation) == ("qlora", "peft"):
+    if mode == "qlora" and implementation.startswith("peft"):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True)  # QLoRA as the paper defines it, and our layer's default
@@ -99,17 +102,26 @@ def build(mode: str, implementation: str, folder: Path, device: torch.device, dt
             quantize_model(model, TARGETS, alpha, r, use_qlora=False)
         else:
             quantize_model(model, TARGETS, alpha, r, compute_dtype=dtype)
-    elif implementation == "peft":
+    elif implementation.startswith("peft"):
         from peft import LoraConfig, get_peft_model
 
         # No prepare_model_for_kbit_training: it would upcast the embeddings and norms to float32,
         # and we compare the layers, not that choice. Every setup keeps them in `dtype`.
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS,
-                                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"))
+                                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"),
+                               autocast_adapter_dtype=implementation == "peft")
     else:  # full fine-tuning
         for p in model.parameters():
             p.requires_grad_(True)
     return model
+
+
+def adapter_dtype(model) -> str:
+    """The dtype the LoRA matrices are stored in ('' where the model has none: full fine-tuning)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and ("lora_" in name or name.endswith(("W_a", "W_b"))):
+            return str(p.dtype).replace("torch.", "")
+    return ""
 
 
 # ---------------------------------------------------------------- one measurement
@@ -231,7 +243,8 @@ def _built(model, weights: int) -> dict:
     from ..quantize import count_parameters
 
     trainable, total = count_parameters(model)
-    return {"weights": weights, "trainable": trainable, "total": total, "computed": memory.breakdown(model)}
+    return {"weights": weights, "trainable": trainable, "total": total, "computed": memory.breakdown(model),
+            "adapter_dtype": adapter_dtype(model)}
 
 
 def _activations(model, mode, impl, config, shapes, device, dtype, r, alpha, failures) -> tuple[dict, dict | None]:
@@ -267,7 +280,7 @@ def suite_row(mode, impl, point: Point, m: dict, built: dict, device, provenance
             "tokens_per_s": round(m["tokens_per_s"], 1),
             "peak_gib": round(m["peak_bytes"] / GIB, 4) if device.type == "cuda" else "",
             "weights_gib": round(built["weights"] / GIB, 4) if device.type == "cuda" else "",
-            "trainable": built["trainable"], **provenance}
+            "trainable": built["trainable"], "adapter_dtype": built["adapter_dtype"], **provenance}
 
 
 def suite_extras(mode, impl, point: Point, m: dict, built: dict, saved: dict, estimate: dict | None,
