@@ -28,3 +28,38 @@ def test_the_recorded_trainer_step_meets_its_targets():
         by = {r["trainer"]: r for r in rows if r["round"] == k}
         assert by["fast"]["wall_ms"] < by["eager"]["wall_ms"]
 
+
+
+def test_the_gpu_record_covers_every_chapter_in_both_compute_dtypes():
+    """tools/colab_path.py ran each chapter's code as a script with CUDA selected, in bfloat16 and with
+    float16 forced (a T4's path): every chapter of the book, both dtypes, each with its outcome, and
+    each run that stopped with the error that stopped it (chapter 12 prints them)."""
+    result = json.loads((BOOK / "data" / "colab_path.json").read_text())
+    assert PROVENANCE <= set(result["provenance"]) and "/root/" not in result["provenance"]["command"]
+    assert "NVIDIA" in result["provenance"]["device"]
+    chapters = {p.stem for p in BOOK.glob("*.ipynb")}
+    runs = {(r["chapter"], r["compute_dtype"]): r for r in result["runs"]}
+    assert len(runs) == len(result["runs"]) == 2 * len(chapters)
+    assert set(runs) == {(c, d) for c in chapters for d in ("bfloat16", "float16")}
+    for r in runs.values():
+        assert r["seconds"] > 0
+        assert (r["peak_gib"] is not None) if r["ok"] else r["error"].startswith("exit ")
+
+
+def test_ours_against_peft_has_both_peft_adapter_dtypes():
+    """The run behind the ours-vs-PEFT comparisons: PEFT as it comes (float32 adapters) and with
+    autocast_adapter_dtype=False (adapters in the model's bf16), beside ours, in every mode, one run."""
+    from qlora_tutorial import bench
+
+    result = json.loads((BOOK / "data" / "gpu_speed_peft.json").read_text())
+    prov = result["provenance"]
+    assert PROVENANCE <= set(prov) and "/root/" not in prov["command"] and prov["dtype"] == "bfloat16"
+    assert result["failures"] == []
+    rows = {(r["mode"], r["implementation"], r["compiled"]): r for r in result["rows"]}
+    expected = {(m, i, c) for m in ("lora", "qlora") for i in ("ours", "peft", "peft-nocast") for c in bench.COMPILED}
+    assert set(rows) == expected
+    stored = {"ours": "float32", "peft": "float32", "peft-nocast": "bfloat16"}
+    for (mode, impl, compiled), r in rows.items():
+        assert r["adapter_dtype"] == stored[impl], (mode, impl, compiled)
+        assert r["step_s"] > 0 and r["gpu_ms_per_step"] > 0 and r["peak_gib"] > 0
+        assert len(result["round_times_s"][f"{mode}/{impl}/{compiled}/adamw"]) == prov["rounds"] >= 4
