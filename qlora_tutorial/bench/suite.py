@@ -169,7 +169,7 @@ def measure(model, point: Point, device: torch.device, warmup: int = 3, steps: i
     last_step_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     peak = max(peak, last_step_peak)
     loss = float(losses[-1])
-    del optimizer
+    optimizer = None  # its states go with it, before the next setup is measured
     set_checkpointing(model, False)
     _free(device)
     step_s = statistics.median(times[warmup:])
