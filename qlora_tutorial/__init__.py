@@ -24,7 +24,7 @@ above it in this list (``tests/test_imports.py`` checks it, imports inside funct
     fast        13        compiled and CUDA-graph training steps
     variants    14        LoRA+ (the 8-bit base and DoRA are options of the layer itself)
     adalora     14        AdaLoRA: per-layer ranks pruned by importance, as PEFT's AdaLoraModel
-    bench       12-14     the measured memory and speed suite; bench.quality, the 4-bit against 16-bit study
+    bench       12-14     the measured memory and speed suite; bench.quality, the 4-bit against 16-bit study; bench.adalora_study
     fsdp        12        FSDP2 sharding of 4-bit models (torchrun entry point)
     doctor      -         versions, device, and whether 4-bit works here
     __main__    -         ``python -m qlora_tutorial doctor``

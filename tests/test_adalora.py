@@ -435,3 +435,27 @@ def test_loading_refuses_what_does_not_fit_and_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="qlora_tutorial.adalora"):
         adapters.load_adapter(tiny_llama(seed=0), tmp_path / "ours")
 
+
+
+def test_the_date_task_study_is_recorded_as_its_module_defines_it():
+    """book/data/adalora_date_task.json (chapter 14): every setup of bench.adalora_study with every seed,
+    the command and machine that made it, and each AdaLoRA run pruned to exactly LoRA's budget."""
+    import json
+    from pathlib import Path
+
+    from qlora_tutorial.bench import adalora_study as study
+
+    assert study.ADALORA["alpha"] / study.ADALORA["init_r"] == study.LORA["alpha"] / study.LORA["r"]
+    assert study.ADALORA["target_r"] == study.LORA["r"]
+    record = json.loads((Path(__file__).resolve().parent.parent / "book" / "data" / "adalora_date_task.json").read_text())
+    prov = record["provenance"]
+    assert {"device", "torch", "bitsandbytes", "transformers", "peft", "date", "command"} <= set(prov)
+    assert prov["command"] == "python -m qlora_tutorial.bench.adalora_study"
+    runs = {(r["setup"], r["seed"]): r for r in record["runs"]}
+    assert set(runs) == {(name, seed) for name in study.SETUPS for seed in study.SEEDS}
+    for (name, _), r in runs.items():
+        assert 0 <= r["exact_match"] <= 1 and r["lr"] == study.SETUPS[name]["lr"]
+        if study.SETUPS[name]["kind"] == "adalora":
+            pattern = r["rank_pattern"]
+            assert all(len(kept) == study.ADALORA["init_r"] for kept in pattern.values())
+            assert sum(map(sum, pattern.values())) == study.ADALORA["target_r"] * len(pattern)
