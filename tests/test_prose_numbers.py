@@ -68,6 +68,7 @@ DEFINITIONS: dict[str, dict[str, str]] = {
     },
     "14_variants.ipynb": {
         "0.25": "alpha / r = 16 / 64, the scale at rank 64 with the paper's alpha",
+        "0.02": "the standard deviation of AdaLoRA's P and Q at initialisation (PEFT's, adalora.init_svd_triplets)",
     },
     "12_memory_speed.ipynb": {
         "8192": "tokens in a step of 4 x 2048, a benchmark shape",
