@@ -101,7 +101,6 @@ def main(argv=None) -> int:
             row = future.result()
             print(json.dumps(row), flush=True)
             runs.append(row)
-    runs.sort(key=lambda r: (r["compute_dtype"] != "bfloat16", r["chapter"]))
     made = {**provenance(torch.device("cuda"), command), "jobs_at_once": args.jobs,
             "model_setup_seconds": round(setup_s, 1)}
     if args.update:  # the earlier record, with the named chapters' runs replaced by this run's
@@ -111,9 +110,7 @@ def main(argv=None) -> int:
         for row in runs:
             row["rerun"] = len(reruns) - 1  # index into provenance["reruns"]
         again = {(r["chapter"], r["compute_dtype"]) for r in runs}
-        runs = [r for r in record["runs"] if (r["chapter"], r["compute_dtype"]) not in again] + runs
-        runs.sort(key=lambda r: (r["compute_dtype"] != "bfloat16", r["chapter"]))
-        record["runs"] = runs
+        record["runs"] = [r for r in record["runs"] if (r["chapter"], r["compute_dtype"]) not in again] + runs
     else:
         record = {
             "what": "Every chapter run on a CUDA GPU as a Colab reader runs it, with bfloat16 compute and with "
@@ -122,6 +119,8 @@ def main(argv=None) -> int:
             "provenance": made,
             "runs": runs,
         }
+    runs = record["runs"]
+    runs.sort(key=lambda r: (r["compute_dtype"] != "bfloat16", r["chapter"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=1) + "\n")
     failed = [f"{r['chapter']} ({r['compute_dtype']})" for r in runs if not r["ok"]]

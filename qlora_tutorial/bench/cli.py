@@ -133,7 +133,7 @@ def suite_main(args, config, shapes, ckpt, setups, device, dtype, warmup, steps,
     write_json(result, args.json)
     log(f"wrote {args.json}")
     for c in result["comparison"]:
-        print(f"ours/peft {c['mode']:5s} {c['batch']}x{c['seq']:<5d} ckpt={c['grad_ckpt']!s:5s} "
+        print(f"ours/{c['against']:11s} {c['mode']:5s} {c['batch']}x{c['seq']:<5d} ckpt={c['grad_ckpt']!s:5s} "
               f"time {c['time_ratio']:.3f} ({'ok' if c['time_ok'] else 'MISS'})  "
               f"memory {c['memory_ratio']:.3f} ({'ok' if c['memory_ok'] else 'MISS'})")
     return 1 if suite["failures"] else 0
