@@ -21,10 +21,12 @@ above it in this list (``tests/test_imports.py`` checks it, imports inside funct
     diagrams    11        the layer's drawing
     ----------  above the core: these plug in from above, and nothing listed before imports them
     nf4_triton  13        the NF4 dequantization kernel in Triton, registered as a backend of matmul4bit
+    fused       13        fusions of the fast path: the head and loss in chunks, activations offloaded to the host
     fast        13        compiled and CUDA-graph training steps
     variants    14        LoRA+ (the 8-bit base and DoRA are options of the layer itself)
     adalora     14        AdaLoRA: per-layer ranks pruned by importance, as PEFT's AdaLoraModel
-    bench       12-14     the measured memory and speed suite; bench.quality, the 4-bit against 16-bit study; bench.adalora_study
+    bench       12-14     the measured memory and speed suite; bench.quality, the 4-bit against 16-bit study;
+                          bench.adalora_study; bench.unsloth, ours beside Unsloth and PEFT
     fsdp        12        FSDP2 sharding of 4-bit models (torchrun entry point)
     doctor      -         versions, device, and whether 4-bit works here
     __main__    -         ``python -m qlora_tutorial doctor``

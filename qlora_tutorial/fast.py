@@ -23,6 +23,7 @@ from torch import nn
 from transformers import Trainer
 
 from . import nf4_triton  # noqa: F401  (registers the Triton kernel as the CUDA backend of the 4-bit matmul)
+from .fused import fused_options
 from .train import checkpointing_on, make_trainer
 
 
@@ -144,6 +145,9 @@ class CapturedStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, warmup: int = 3, autocast=None,
                  **example):
+        if fused_options(model).get("offload"):
+            raise ValueError("the model offloads its activations to the host (fused.fuse(offload=True)), which a CUDA "
+                             "graph cannot record; fuse it with offload=False to record the step")
         if not torch.cuda.is_available():
             raise RuntimeError("CapturedStep records a CUDA graph: it needs a CUDA GPU")
         if not example:
@@ -430,10 +434,11 @@ class FastTrainer(Trainer):
 
     It trains with the ordinary Trainer step (compiled, on a GPU), after one warning that says why,
     where a recording cannot apply: no CUDA GPU, fp16 mixed precision (its loss scaler reads the GPU
-    on the host every step), gradient checkpointing, an optimizer given from outside, another
+    on the host every step), gradient checkpointing, activations offloaded to the host, an optimizer given from outside, another
     ``optim``, or the ``reduce_lr_on_plateau`` schedule. After each step the Trainer sets every
     ``p.grad`` to None as usual; the recorded gradients live in the step's own buffers, so a callback
     that reads ``p.grad`` sees None.
+    Checkpoints of a model with ``Qlora_4_bit`` layers hold its adapter (``adapters.save_adapter``).
     ``record=False`` runs the same pieces unrecorded, on any device: the fast step's arithmetic,
     to check it. ``compile=True`` compiles the decoder blocks first (``compile_for_training``).
     """
@@ -480,6 +485,8 @@ class FastTrainer(Trainer):
                       "(or float32) to record the step")
         elif checkpointing_on(model, self.args):
             reason = "gradient checkpointing is on; the recorded step runs without it"
+        elif fused_options(model).get("offload"):
+            reason = "the model offloads its activations to the host (fused.fuse(offload=True)), which a graph cannot record"
         elif self.record and device.type != "cuda":
             reason = f"the model is on {device.type}, and CUDA graphs need a CUDA GPU"
         self.why_ordinary, self._decided = reason, True
@@ -531,6 +538,20 @@ class FastTrainer(Trainer):
             self.step_engine = RecordedStep(self, model, inputs, num_items_in_batch, record=self.record,
                                             warmup=self.warmup)
         return self.step_engine.micro(inputs, num_items_in_batch)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """A checkpoint of a model with ``Qlora_4_bit`` layers holds its adapter, in the book's format
+        (``adapters.save_adapter``: the LoRA matrices and the base's settings), beside the Trainer's
+        optimizer, scheduler and state as usual: ``save_pretrained`` cannot save such a model (it would
+        come back with those layers initialised at random). Other models save as the Trainer does."""
+        from .adapters import lora_layers, save_adapter
+
+        model = _unwrapped(self.model)
+        if not lora_layers(model):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_adapter(model, output_dir)
+        torch.save(self.args, f"{output_dir}/training_args.bin")
 
     def _clip_grad_norm(self, model):
         if self.step_engine is None:

@@ -378,3 +378,39 @@ def test_speed_run_on_cpu(tmp_path):
     assert all(r["step_s"] > 0 and r["step_s_spread"] >= 0 for r in rows[1:])
     result = json.loads(out_json.read_text())
     assert result["failures"] == [] and all(len(t) == 2 for t in result["round_times_s"].values())
+
+
+@pytest.mark.slow
+def test_the_unsloth_bench_runs_our_setups_and_peft_on_a_cpu(tmp_path, monkeypatch):
+    """Every setup of our process of bench.unsloth, on a small Llama on the CPU: the eager ones
+    train and give rows; the recorded ones need CUDA and are recorded as failures, with the reason."""
+    from qlora_tutorial.bench import unsloth
+
+    monkeypatch.setattr(unsloth, "DEVICE", torch.device("cpu"))
+    folder = unsloth.save_model("tiny", tmp_path / "tiny")
+    assert (folder / "tokenizer.json").is_file() and (folder / "model.safetensors").is_file()
+    out = []
+    unsloth.child_ours(folder, "tiny", unsloth.SHAPES["tiny"], [False, True], rounds=2, steps=1, warmup=1, emit=out.append)
+    rows = {(r["grad_ckpt"], r["implementation"], tuple(r["fusions"])) for r in out if "failure" not in r}
+    assert rows == {(False, "ours", ()), (False, "ours", ("chunked_loss",)), (True, "ours", ()),
+                    (True, "ours", ("chunked_loss",)), (True, "ours", unsloth.OFFLOADED), (False, "peft", ()),
+                    (True, "peft", ())}
+    failures = [r for r in out if "failure" in r]
+    assert len(failures) == 2 * 4 and all("needs a CUDA GPU" in f["error"] for f in failures)  # 4 graph setups x 2 rounds
+    assert all(len(r["wall_ms_rounds"]) == 2 and r["peak_gib"] is None for r in out if "failure" not in r)
+
+
+def test_unsloth_targets_take_our_smallest_step_with_checkpointing():
+    from qlora_tutorial.bench import unsloth
+
+    def row(ckpt, impl, fusions, wall, gpu, peak):
+        return {"model": "m", "shape": "1x8", "grad_ckpt": ckpt, "implementation": impl, "fusions": list(fusions),
+                "wall_ms": wall, "gpu_ms": gpu, "peak_gib": peak}
+
+    result = {"rows": [row(True, "unsloth", (), 100, 50, 2.0), row(True, "ours", unsloth.RECORDED, 42, 40, 3.0),
+                       row(True, "ours", unsloth.OFFLOADED, 90, 60, 1.9)]}
+    got = {t["target"].split(": ")[1]: (t["value"], t["ok"]) for t in unsloth.unsloth_targets(result)}
+    assert got == {"GPU-busy, ours / Unsloth": (0.8, True), "peak memory, ours / Unsloth": (0.95, True),
+                   "our wall-clock / our GPU-busy": (1.05, True)}
+    result["rows"][1]["gpu_ms"] = 45  # 0.9 of Unsloth's: a miss
+    assert [t["ok"] for t in unsloth.unsloth_targets(result)] == [False, True, True]

@@ -206,6 +206,26 @@ def test_recorded_trainer_evaluates_and_saves_checkpoints(tmp_path):
     assert len(evaluations) == 2 and all(math.isfinite(x) for x in evaluations)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     assert (tmp_path / "checkpoint-8" / "optimizer.pt").is_file() and (tmp_path / "checkpoint-8" / "scheduler.pt").is_file()
+    assert (tmp_path / "checkpoint-8" / "adapter.safetensors").is_file()  # the adapter, as save_pretrained cannot
+
+
+@pytest.mark.slow
+def test_a_checkpoint_holds_the_adapter_of_the_step_it_was_taken_at(tmp_path):
+    """save_pretrained refuses a model with Qlora_4_bit layers; the fast Trainer's checkpoints hold
+    its adapter instead, which loads back into a fresh model as trained, beside the optimizer's state."""
+    from qlora_tutorial.adapters import adapter_tensors, load_adapter
+
+    trainer, _, _ = run({"record": False, "compile": False}, tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    last = tmp_path / "checkpoint-4"
+    assert {"adapter.safetensors", "adapter.json", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= \
+        {p.name for p in last.iterdir()}
+    trained = adapter_tensors(trainer.model)
+    reloaded = adapter_tensors(load_adapter(tiny_llama(vocab_size=VOCAB, seed=0), last))
+    assert trained.keys() == reloaded.keys()
+    assert all(torch.equal(trained[k].cpu(), reloaded[k]) for k in trained)
+    first = adapter_tensors(load_adapter(tiny_llama(vocab_size=VOCAB, seed=0), tmp_path / "checkpoint-2"))
+    assert any(not torch.equal(first[k], reloaded[k]) for k in trained)  # two more steps moved it
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ date, command) and a JSON with the kernel numbers and per-row extras (memory bre
 The modules, in reading order: ``step`` (one training step, its shape, the device helpers),
 ``results`` (the CSV and JSON, their provenance, the book's copy), ``profiling`` (where a step's time
 goes), ``suite`` (the setups and the sweep), ``speed`` (the interleaved rounds), ``kernels`` (the NF4
-dequantization benchmark) and ``cli`` (the command line).
+dequantization benchmark) and ``cli`` (the command line). Beside them: ``unsloth`` (our step against
+Unsloth's and PEFT's, each in its own process: ``python -m qlora_tutorial.bench.unsloth``).
 
 Only a full run on a GPU writes into ``book/data/``; anything else goes to ``_build/bench/`` unless
 ``--csv``/``--json`` say otherwise. Step times are wall-clock (the GPU synchronised around each

@@ -1,0 +1,371 @@
+"""Our QLoRA step beside Unsloth's and PEFT's, in one run on one GPU, on the same saved random weights.
+
+    python -m qlora_tutorial.bench.unsloth --models tinyllama,llama3-8b --json unsloth_comparison.json
+
+The parent saves each architecture's random weights once (with a small word-level tokenizer, which
+Unsloth's loader wants), then runs every implementation in a process of its own: Unsloth must be
+imported before ``transformers`` and patches it, and a process of its own also gives each its own
+memory. Each process prints its rows as JSON lines; the parent collects them.
+
+What a row holds (``ROW_KEYS``): the wall-clock per step (median of the timed steps), the GPU-busy
+time per step (the profiler's kernel time, ``profiling.gpu_busy_ms``, in the first round), and the
+peak memory allocated while training, weights included (every process holds one model, so peaks
+compare directly; the first round's). Every setup runs its steps in ``rounds`` rounds, the setups of
+a process interleaved; a row gives the median round's wall-clock and every round's.
+
+Our setups (``fusions``): ``graph`` (compiled decoder layers, the step recorded as a CUDA graph:
+``fast.CapturedStep``), ``chunked_loss`` (``fused.fuse``), ``offload`` (activations kept on the host,
+``fused.fuse(offload=True)``; eager, since a graph cannot record it). Each fusion also runs without
+the others it is measured against, so the rows give what each saves on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .step import _free, _sync
+
+R, ALPHA = 16, 32
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ROW_KEYS = ("model", "shape", "grad_ckpt", "implementation", "fusions", "wall_ms", "gpu_ms", "peak_gib")
+SHAPES = {"tinyllama": [(4, 512), (4, 2048)], "llama3-8b": [(1, 2048)], "tiny": [(2, 16)]}
+GIB = 2**30
+DEVICE = torch.device("cuda")  # the tests run the setups on the CPU ("tiny" model, no graphs, no Unsloth)
+
+
+def llama3_8b_config():
+    """Llama-3-8B's architecture, written out so nothing is downloaded."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1,
+                       eos_token_id=2)
+
+
+def config_of(name: str):
+    from ..models import tinyllama_config
+
+    if name == "tinyllama":
+        return tinyllama_config()
+    if name == "llama3-8b":
+        return llama3_8b_config()
+    if name == "tiny":
+        from ..models import tiny_llama_config
+
+        return tiny_llama_config()
+    raise ValueError(f"unknown model {name!r}: use tinyllama, llama3-8b or tiny")
+
+
+def save_model(name: str, folder: Path) -> Path:
+    """``name``'s architecture with random bf16 weights, and a word-level tokenizer, saved in ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..models import build_from_config
+
+    config = config_of(name)
+    config.use_cache = False
+    model = build_from_config(config, device=DEVICE, dtype=torch.bfloat16, seed=0)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    _free(DEVICE)
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(252)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>", model_max_length=config.max_position_embeddings).save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------ timing one setup
+def timed(step, steps: int, profile_steps: int) -> tuple[float, float | None]:
+    """Median wall-clock ms of ``steps`` steps (the GPU synchronised around each), and GPU-busy ms per step."""
+    from .profiling import gpu_busy_ms
+
+    times = []
+    for _ in range(steps):
+        _sync(DEVICE)
+        t0 = time.perf_counter()
+        step()
+        _sync(DEVICE)
+        times.append((time.perf_counter() - t0) * 1000)
+    busy = gpu_busy_ms(step, profile_steps, DEVICE) if profile_steps else None
+    return statistics.median(times), busy
+
+
+def eager_step(model, optimizer, ids):
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def run_setups(setups, model_name, rounds, steps, warmup, emit):
+    """``setups``: (shape, grad_ckpt, implementation, fusions, prepare) with ``prepare()`` -> (step, cleanup).
+    Each round prepares every setup afresh (peak memory measured from there), warms it up and times it."""
+    results = {i: {"wall": [], "gpu": [], "peak": []} for i in range(len(setups))}
+    for k in range(rounds):
+        for i, (shape, ckpt, impl, fusions, prepare) in enumerate(setups):
+            label = f"{model_name} {shape[0]}x{shape[1]} ckpt={ckpt} {impl} {'+'.join(fusions) or 'none'}"
+            try:
+                _free(DEVICE)
+                if DEVICE.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                step, cleanup = prepare()
+                for _ in range(warmup):
+                    loss = step()
+                _sync(DEVICE)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"the loss is {float(loss)}")
+                wall, busy = timed(step, steps, 3 if k == 0 else 0)
+                peak = torch.cuda.max_memory_allocated() / GIB if DEVICE.type == "cuda" else None
+                cleanup()
+                step = cleanup = loss = None  # a recorded step's memory pool goes with it, before the next setup
+            except Exception as exc:  # recorded, and the other setups go on
+                step = cleanup = loss = None
+                emit({"failure": label, "round": k, "error": f"{type(exc).__name__}: {exc}"[:800]})
+                _free(DEVICE)
+                continue
+            r = results[i]
+            r["wall"].append(wall)
+            if peak is not None:
+                r["peak"].append(peak)
+            if busy is not None:
+                r["gpu"].append(busy)
+            print(f"[{label}] round {k}: {wall:.1f} ms wall, {busy or float('nan'):.1f} ms GPU, {peak or 0:.2f} GiB",
+                  file=sys.stderr, flush=True)
+    for i, (shape, ckpt, impl, fusions, _) in enumerate(setups):
+        r = results[i]
+        if not r["wall"]:
+            continue
+        emit({"model": model_name, "shape": f"{shape[0]}x{shape[1]}", "grad_ckpt": ckpt, "implementation": impl,
+              "fusions": list(fusions), "wall_ms": round(statistics.median(r["wall"]), 2),
+              "wall_ms_rounds": [round(w, 2) for w in r["wall"]],
+              "gpu_ms": round(statistics.median(r["gpu"]), 2) if r["gpu"] else None,
+              # the first round's peak: later rounds of our recorded steps read about 0.5 GiB more, memory
+              # an earlier recording in the same process keeps (``peak_gib_rounds`` shows it)
+              "peak_gib": round(r["peak"][0], 3) if r["peak"] else None,
+              "peak_gib_rounds": [round(p, 3) for p in r["peak"]]})
+
+
+# ------------------------------------------------------------------ the implementations, each in its own process
+def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, with_peft=True):
+    from transformers import AutoModelForCausalLM
+
+    from .. import fast, fused
+    from ..quantize import quantize_model
+    from ..train import set_checkpointing
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": str(DEVICE)},
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    quantize_model(model, TARGETS, ALPHA, R, compute_dtype=torch.bfloat16)
+    model.train()
+    compiled = []
+
+    def setup(shape, ckpt, fusions):
+        def prepare():
+            fused.unfuse(model)
+            if "chunked_loss" in fusions or "offload" in fusions:
+                fused.fuse(model, chunked_loss="chunked_loss" in fusions, offload="offload" in fusions)
+            set_checkpointing(model, ckpt)
+            ids = torch.randint(0, model.config.vocab_size, shape, device=DEVICE,
+                                generator=torch.Generator(DEVICE).manual_seed(0))
+            params = [p for p in model.parameters() if p.requires_grad]
+            if "graph" in fusions:
+                if not compiled:
+                    fast.compile_for_training(model)
+                    compiled.append(True)
+                optimizer = torch.optim.AdamW(params, lr=1e-5, capturable=True)
+                captured = fast.CapturedStep(model, optimizer, warmup=2, input_ids=ids, labels=ids)
+                step = lambda: captured(input_ids=ids, labels=ids)  # noqa: E731
+            else:
+                optimizer = torch.optim.AdamW(params, lr=1e-5)
+                step = eager_step(model, optimizer, ids)
+
+            def cleanup():
+                nonlocal optimizer
+                for p in params:
+                    p.grad = None
+                del optimizer
+                _sync(DEVICE)
+            return step, cleanup
+        return prepare
+
+    setups = []
+    for shape in shapes:
+        for ckpt in ckpts:
+            choices = [("graph", "chunked_loss"), ("graph",), ("chunked_loss",), ()]
+            if ckpt:
+                choices.append(("chunked_loss", "offload"))
+            for fusions in choices:
+                setups.append((shape, ckpt, "ours", fusions, setup(shape, ckpt, fusions)))
+    # the eager setups first, in rounds of their own: compiling the layers for the graphs changes every
+    # later step of this model
+    run_setups([s for s in setups if "graph" not in s[3]], model_name, rounds, steps, warmup, emit)
+    run_setups([s for s in setups if "graph" in s[3]], model_name, rounds, steps, warmup, emit)
+    model = None  # the closures above hold it through this name
+    torch._dynamo.reset()
+    _free(DEVICE)
+    if with_peft:
+        from .suite import build
+
+        peft_model = build("qlora", "peft", Path(folder), DEVICE, torch.bfloat16, r=R, alpha=ALPHA)
+        peft_model.train()
+
+        def peft_setup(shape, ckpt):
+            def prepare():
+                set_checkpointing(peft_model, ckpt)
+                ids = torch.randint(0, peft_model.config.vocab_size, shape, device=DEVICE,
+                                    generator=torch.Generator(DEVICE).manual_seed(0))
+                optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+                return eager_step(peft_model, optimizer, ids), lambda: None
+            return prepare
+        run_setups([(shape, ckpt, "peft", (), peft_setup(shape, ckpt)) for shape in shapes for ckpt in ckpts],
+                   model_name, rounds, steps, warmup, emit)
+
+
+def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit):
+    """Unsloth as its documentation shows: ``FastLanguageModel.from_pretrained(load_in_4bit=True)``, then
+    ``get_peft_model``; its own checkpointing (``"unsloth"``: offloaded to the host) or none. Unsloth
+    fixes checkpointing when it builds the adapters, so each setting gets its own model."""
+    import unsloth  # noqa: F401  (before transformers, as Unsloth requires)
+    from unsloth import FastLanguageModel
+
+    longest = max(s for _, s in shapes)
+    for ckpt in ckpts:
+        model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=longest, dtype=torch.bfloat16,
+                                                     load_in_4bit=True, local_files_only=True)
+        model = FastLanguageModel.get_peft_model(model, r=R, lora_alpha=ALPHA, target_modules=TARGETS,
+                                                 lora_dropout=0, bias="none", random_state=0,
+                                                 use_gradient_checkpointing="unsloth" if ckpt else False)
+        FastLanguageModel.for_training(model)
+
+        def setup(shape, m=model):
+            def prepare():
+                ids = torch.randint(0, m.config.vocab_size, shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+                optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+                return eager_step(m, optimizer, ids), lambda: None
+            return prepare
+        run_setups([(shape, ckpt, "unsloth", (), setup(shape)) for shape in shapes], model_name, rounds, steps,
+                   warmup, emit)
+        del model
+        _free(DEVICE)
+
+
+# ------------------------------------------------------------------ the targets
+RECORDED = ("graph", "chunked_loss")  # our fastest step
+OFFLOADED = ("chunked_loss", "offload")  # our smallest step with checkpointing
+
+
+def unsloth_targets(result: dict) -> list[dict]:
+    """The targets of the fusion work, checked on one run's rows, at every model, shape and
+    checkpointing setting it has: our recorded step's GPU-busy time at most 0.85 of Unsloth's; our
+    peak memory at most Unsloth's (with checkpointing, the smaller of the recorded and the offloaded
+    step); our recorded step's wall-clock at most 1.10 times its own GPU-busy time."""
+    rows = {(r["model"], r["shape"], r["grad_ckpt"], r["implementation"], tuple(r["fusions"])): r
+            for r in result["rows"]}
+    out = []
+    for (model, shape, ckpt, impl, fusions), theirs in sorted(rows.items()):
+        if impl != "unsloth":
+            continue
+        ours = rows.get((model, shape, ckpt, "ours", RECORDED))
+        if ours is None:
+            continue
+        where = f"{model} {shape}{' with checkpointing' if ckpt else ''}"
+        smallest = min([ours] + ([rows[k] for k in [(model, shape, ckpt, "ours", OFFLOADED)] if k in rows]),
+                       key=lambda r: r["peak_gib"])
+        for name, value, limit in ((f"{where}: GPU-busy, ours / Unsloth", ours["gpu_ms"] / theirs["gpu_ms"], 0.85),
+                                   (f"{where}: peak memory, ours / Unsloth", smallest["peak_gib"] / theirs["peak_gib"], 1.0),
+                                   (f"{where}: our wall-clock / our GPU-busy", ours["wall_ms"] / ours["gpu_ms"], 1.10)):
+            out.append({"target": name, "value": round(value, 3), "limit": limit, "ok": value <= limit})
+    return out
+
+
+# ------------------------------------------------------------------ the parent
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "triton", "unsloth", "unsloth_zoo"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tinyllama,llama3-8b")
+    parser.add_argument("--implementations", default="unsloth,ours")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--ckpts", default="0,1")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds one implementation's process may take")
+    args = parser.parse_args(argv)
+    ckpts = [bool(int(c)) for c in args.ckpts.split(",")]
+    if args.child:
+        def emit(row):
+            print("ROW " + json.dumps(row), flush=True)
+        run = child_unsloth if args.child == "unsloth" else child_ours
+        run(Path(args.folder), args.model, SHAPES[args.model], ckpts, args.rounds, args.steps, args.warmup, emit)
+        return 0
+    from .results import provenance, shown_command
+
+    command = shown_command("python -m qlora_tutorial.bench.unsloth " + " ".join(argv or sys.argv[1:]))
+    record = {"provenance": {**provenance(DEVICE, command), "versions": versions()},
+              "rows": [], "failures": [], "seconds": {}}
+    out = Path(args.json)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
+    with tempfile.TemporaryDirectory(prefix="unsloth-bench-") as tmp:
+        for name in args.models.split(","):
+            t0 = time.perf_counter()
+            folder = save_model(name, Path(tmp) / name)
+            record["seconds"][f"{name} save"] = round(time.perf_counter() - t0, 1)
+            for impl in args.implementations.split(","):
+                t0 = time.perf_counter()
+                cmd = [sys.executable, "-m", "qlora_tutorial.bench.unsloth", "--child", impl, "--folder", str(folder),
+                       "--model", name, "--rounds", str(args.rounds), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--ckpts", args.ckpts, "--json", "-"]
+                try:
+                    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+                    stdout, rc, log = done.stdout, done.returncode, done.stderr
+                except subprocess.TimeoutExpired as exc:
+                    stdout, rc, log = exc.stdout or "", "timeout", exc.stderr or ""
+                    stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+                    log = log.decode() if isinstance(log, bytes) else log
+                sys.stderr.write(log)  # every setup's every round, as it went
+                tail = log[-3000:]
+                for line in stdout.splitlines():
+                    if line.startswith("ROW "):
+                        row = json.loads(line[4:])
+                        (record["failures"] if "failure" in row else record["rows"]).append(row)
+                if rc != 0:
+                    record["failures"].append({"failure": f"{name} {impl}", "rc": rc, "error": tail[-1500:]})
+                record["seconds"][f"{name} {impl}"] = round(time.perf_counter() - t0, 1)
+                out.write_text(json.dumps(record, indent=1) + "\n")
+            _free(DEVICE)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""Fusions of the fast path: the work of a training step done with less memory and fewer passes.
+
+Two pieces, each an option of ``fuse`` and each measured in chapter 13:
+
+* **the head and the loss in chunks** (``ChunkedLMLoss``). A causal language model's last layer
+  multiplies every token's hidden state by the vocabulary matrix: tokens x vocabulary logits (2,048 x
+  128,256 for a Llama-3-8B batch of 2,048 tokens), which ``transformers`` then copies to float32 for the
+  cross-entropy, and whose gradient is as large again. Here the tokens go through the head a chunk at
+  a time: one chunk's float32 logits exist at once, and the gradient with respect to the hidden states
+  is computed in the same pass (the loss is the last thing the forward computes, so its gradient is
+  known in advance up to the one factor the backward brings). What is stored for the backward is that
+  gradient, tokens x hidden, instead of the logits.
+* **activations saved on the host** (``offloaded_activations``). With activation checkpointing, the
+  tensors kept between forward and backward are each decoder layer's input plus what lies outside the
+  layers (the final norm's input, the head's). Under this context they wait in pinned host memory
+  instead, copied out asynchronously as the forward goes and back as the backward reaches them.
+
+The fused and the unfused step compute the same loss and gradients (``tests/test_fused.py`` checks
+both against ``transformers``' own). Both pieces are plain PyTorch: they run on the CPU, and the
+chunked loss runs inside a recorded CUDA graph (``fast.CapturedStep``), where its chunks cost no
+host time. Host offloading cannot be recorded: a graph has no place for host buffers that each step
+allocates. The RMSNorm, rotary embedding and SwiGLU of each decoder layer need no module of their
+own: ``fast.compile_for_training`` compiles each layer, and the compiler fuses their elementwise
+work into a few kernels.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100  # transformers' label for "no loss here" (padding, the prompt)
+DEFAULT_CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk: 256 MiB (2,097 tokens of a 32,000 vocabulary)
+
+
+# ------------------------------------------------------------------ the head and the loss, in chunks
+class ChunkedLMLoss(torch.autograd.Function):
+    """``loss = sum over tokens of cross_entropy(hidden @ weight.T, targets) / divisor``, a chunk of
+    tokens at a time.
+
+    ``hidden`` (tokens, hidden size) in the compute dtype; ``weight`` (vocabulary, hidden size) the
+    head's; ``targets`` (tokens,) with ``IGNORE_INDEX`` where no loss is taken; ``divisor`` a 0-d
+    tensor (the number of targets, or the Trainer's token count over accumulated micro-batches).
+
+    Each chunk's logits are computed in the compute dtype and taken to float32, as ``transformers``
+    does; the gradient of the loss with respect to them is ``softmax - one_hot``, divided by the
+    divisor in float32 and taken back to the compute dtype before it meets the head's weight, again
+    as ``transformers``' backward does. The backward only multiplies the stored gradients by the
+    incoming one: the gradient with respect to the loss, a scalar (1 for a plain ``backward()``).
+
+    A head that trains (``weight.requires_grad``) gets its gradient too, accumulated in float32 over
+    the chunks: vocabulary x hidden float32 values held from the forward to the backward (2 GiB for
+    Llama-3-8B's head). In a recorded CUDA graph, give ``divisor`` as a tensor already on the GPU.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, divisor, chunk_tokens):
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # a batch whose every label is ignored: the loss is 0 / 0 (NaN, as in transformers) and the
+        # gradients are 0 (as PyTorch's cross-entropy gives them), not NaN
+        inverse = 1.0 / divisor.to(torch.float32).clamp_min(1)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            h = hidden[start:start + chunk_tokens]
+            t = targets[start:start + chunk_tokens]
+            logits = (h @ weight.t()).float()
+            valid = t != IGNORE_INDEX
+            safe = torch.where(valid, t, 0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=1)
+            total += ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+            # d loss / d logits = (softmax - one_hot) / divisor on the tokens that count, 0 elsewhere;
+            # computed in place in the logits' memory
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()
+            grad.scatter_add_(1, safe, torch.full_like(lse, -1.0).unsqueeze(1))
+            grad.mul_((valid.to(torch.float32) * inverse).unsqueeze(1))
+            grad = grad.to(hidden.dtype)
+            torch.matmul(grad, weight, out=grad_hidden[start:start + chunk_tokens])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t().float(), h.float())
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / divisor.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        dh = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        dw = None if grad_weight is None else (grad_weight * grad_loss).to(dh.dtype)
+        return dh, dw, None, None, None
+
+
+def chunk_tokens_for(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """How many tokens' float32 logits fit in ``chunk_bytes``."""
+    return max(1, chunk_bytes // (4 * vocab_size))
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   num_items_in_batch=None, chunk_tokens: int | None = None) -> torch.Tensor:
+    """The causal language-model loss of ``transformers`` (``ForCausalLMLoss``) without its logits.
+
+    ``hidden`` (batch, sequence, hidden size): the decoder's output; ``weight``: the head's;
+    ``labels`` (batch, sequence): token ``i`` is scored on predicting label ``i + 1``. The mean over
+    the labels that are not ``IGNORE_INDEX``, or their sum over ``num_items_in_batch`` where the
+    Trainer gives that (the tokens of every micro-batch of an accumulated step). Ignored labels get
+    no loss and a zero gradient. Inside a recorded CUDA graph, ``num_items_in_batch`` must be a
+    tensor on the GPU (a Python number would be copied in at recording time and then fixed).
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"chunked loss: hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} "
+                         "do not match (one label per position)")
+    targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if num_items_in_batch is None:
+        divisor = (targets != IGNORE_INDEX).sum()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
+    return ChunkedLMLoss.apply(flat, weight, targets.to(hidden.device), divisor, int(chunk))
+
+
+# ------------------------------------------------------------------ activations on the host
+@contextlib.contextmanager
+def offloaded_activations(model: nn.Module, min_bytes: int = 2**20):
+    """While the forward runs: every tensor autograd saves for the backward, of at least ``min_bytes``
+    and on a GPU, is copied to pinned host memory (asynchronously, on the compute stream) and brought
+    back when the backward needs it. The model's own parameters and buffers stay where they are.
+
+    With activation checkpointing on, what is saved is little (each decoder layer's input, and what
+    lies outside the layers), and this moves it off the GPU. Without checkpointing it moves every
+    activation, which costs far more transfer than it saves.
+    """
+    own = {t.data_ptr() for t in model.parameters()} | {t.data_ptr() for t in model.buffers()}
+
+    def pack(tensor):
+        if tensor.device.type != "cuda" or tensor.numel() * tensor.element_size() < min_bytes or \
+                tensor.data_ptr() in own:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return tensor.device, host
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=True)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+# ------------------------------------------------------------------ both, as one option of a model
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The ``...ForCausalLM`` module inside ``model`` (a PEFT model's, or the model itself): the one
+    with a decoder (``.model``) and a head (``.lm_head``)."""
+    for module in model.modules():
+        children = module._modules  # its own submodules (a PeftModel would hand on .lm_head from inside)
+        if isinstance(children.get("lm_head"), nn.Linear) and isinstance(children.get("model"), nn.Module):
+            return module
+    raise ValueError(f"{type(model).__name__} has no causal language model inside (a module with .model and an "
+                     "nn.Linear .lm_head): fuse works on transformers' ...ForCausalLM models")
+
+
+def fuse(model: nn.Module, chunked_loss: bool = True, offload: bool = False,
+         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> nn.Module:
+    """Switch the fusions on for ``model`` (in place; returns it). ``unfuse`` switches them off.
+
+    ``chunked_loss``: with ``labels``, the forward returns the loss of ``causal_lm_loss`` and no logits
+    (``logits`` is None); without labels it is the model's own forward. ``offload``: the forward runs
+    under ``offloaded_activations`` (meant for use with activation checkpointing; not in a recorded
+    CUDA graph). Models whose head is more than a matrix (a bias, a logit scale or soft-capping) are
+    refused: the chunked loss computes ``hidden @ weight.T`` and nothing else.
+    """
+    if not (chunked_loss or offload):
+        raise ValueError("fuse with chunked_loss=False and offload=False would change nothing; call unfuse instead")
+    lm = causal_lm(model)
+    config = getattr(lm, "config", None)
+    if chunked_loss:
+        odd = [name for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+               if getattr(config, name, None) not in (None, 1, 1.0)]
+        if lm.lm_head.bias is not None:
+            odd.append("lm_head.bias")
+        if odd:
+            raise ValueError(f"{type(lm).__name__}: its head has {', '.join(odd)}, which the chunked loss does not "
+                             "compute; use fuse(model, chunked_loss=False)")
+    original = type(lm).forward.__get__(lm)
+    tokens = chunk_tokens_for(lm.lm_head.out_features, chunk_bytes)
+
+    @functools.wraps(original)
+    def forward(*args, labels=None, **kwargs):
+        context = offloaded_activations(model) if offload and torch.is_grad_enabled() else contextlib.nullcontext()
+        with context:
+            if labels is None or not chunked_loss:
+                return original(*args, labels=labels, **kwargs)
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            num_items = kwargs.pop("num_items_in_batch", None)
+            kwargs.pop("logits_to_keep", None)
+            outputs = lm.model(*args, **kwargs)
+            loss = causal_lm_loss(outputs.last_hidden_state, lm.lm_head.weight, labels, num_items, tokens)
+            return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                          attentions=outputs.attentions)
+
+    lm.forward = forward
+    lm._qlora_fused = {"chunked_loss": chunked_loss, "offload": offload, "chunk_tokens": tokens}
+    return model
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """The model's own forward again (in place; returns it)."""
+    lm = causal_lm(model)
+    if "forward" in vars(lm):
+        del lm.forward
+    vars(lm).pop("_qlora_fused", None)
+    return model
+
+
+def fused_options(model: nn.Module) -> dict:
+    """What ``fuse`` switched on for ``model`` ({} where nothing)."""
+    try:
+        return dict(getattr(causal_lm(model), "_qlora_fused", {}))
+    except ValueError:
+        return {}

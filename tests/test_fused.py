@@ -1,0 +1,240 @@
+"""The fused step equals the unfused one: the head and loss in chunks give transformers' loss and the
+same gradients (LoRA's, the hidden states', the head's when it trains), with padding, the Trainer's
+token count, and chunks that do not divide the tokens. Host offloading is checked on a CUDA GPU."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from qlora_tutorial import fast, fused, quantize_model
+from qlora_tutorial import train as T
+from qlora_tutorial.models import tiny_llama
+
+from .helpers import fails_and_changes_nothing
+
+CUDA = torch.cuda.is_available()
+VOCAB = 256
+
+
+def lora_model(dtype=torch.float32, device="cpu", qlora=False):
+    model = tiny_llama(vocab_size=VOCAB, seed=0).to(device=device, dtype=dtype)
+    if not qlora:
+        model = quantize_model(model, "all", alpha=16, r=4, use_qlora=False)
+    else:
+        model = quantize_model(model, "all", alpha=16, r=4, compute_dtype=dtype)
+    torch.manual_seed(2)
+    with torch.no_grad():  # as after some training: W_b no longer zero, so every LoRA matrix gets a gradient
+        for name, p in model.named_parameters():
+            if name.endswith("W_b"):
+                p.normal_(0, 0.02)
+    return model
+
+
+def batch(device="cpu", b=3, t=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (b, t), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = T.IGNORE_INDEX  # a prompt
+    labels[2, 7:] = T.IGNORE_INDEX  # padding
+    return ids.to(device), labels.to(device)
+
+
+def loss_and_grads(model, ids, labels, **kwargs):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=labels, **kwargs).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def max_rel(a: dict, b: dict) -> float:
+    """The largest relative difference of two sets of gradients (a zero gradient must match exactly)."""
+    assert a.keys() == b.keys() and a
+    return max(float((a[k] - b[k]).norm() / b[k].norm()) if b[k].norm() > 0 else float((a[k] - b[k]).norm())
+               for k in a)
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * VOCAB, 3 * 4 * VOCAB, 7 * 4 * VOCAB, 2**30])  # 1, 3, 7, all tokens
+def test_the_chunked_loss_is_transformers_loss_with_the_same_gradients(chunk_bytes):
+    model = lora_model()
+    ids, labels = batch()
+    want_loss, want = loss_and_grads(model, ids, labels)
+    fused.fuse(model, chunk_bytes=chunk_bytes)
+    loss, got = loss_and_grads(model, ids, labels)
+    assert torch.allclose(loss, want_loss, rtol=1e-6, atol=0)
+    assert max_rel(got, want) < 1e-5
+    assert any("W_a" in k for k in got) and any("W_b" in k for k in got)
+
+
+def test_the_trainers_token_count_divides_the_sum():
+    model = lora_model()
+    ids, labels = batch()
+    items = torch.tensor(40)  # the tokens of every micro-batch of an accumulated step
+    want_loss, want = loss_and_grads(model, ids, labels, num_items_in_batch=items)
+    fused.fuse(model)
+    loss, got = loss_and_grads(model, ids, labels, num_items_in_batch=items)
+    assert torch.allclose(loss, want_loss, rtol=1e-6, atol=0)
+    assert max_rel(got, want) < 1e-5
+
+
+def test_a_batch_with_nothing_to_score_gives_transformers_nan_loss_and_zero_gradients():
+    model = lora_model()
+    ids, _ = batch()
+    nothing = torch.full_like(ids, T.IGNORE_INDEX)
+    want_loss, want = loss_and_grads(model, ids, nothing)
+    fused.fuse(model)
+    loss, got = loss_and_grads(model, ids, nothing)
+    assert torch.isnan(want_loss) and torch.isnan(loss)
+    assert got.keys() == want.keys() and all(torch.equal(g, torch.zeros_like(g)) for g in got.values())
+    assert all(torch.equal(w, torch.zeros_like(w)) for w in want.values())
+
+
+def test_a_trained_head_gets_its_gradient_too():
+    model = lora_model()
+    model.lm_head.weight.requires_grad_(True)
+    ids, labels = batch()
+    want_loss, want = loss_and_grads(model, ids, labels)
+    fused.fuse(model, chunk_bytes=5 * 4 * VOCAB)
+    loss, got = loss_and_grads(model, ids, labels)
+    assert "lm_head.weight" in got
+    assert torch.allclose(loss, want_loss, rtol=1e-6, atol=0)
+    assert max_rel(got, want) < 1e-5
+
+
+def test_in_bfloat16_it_rounds_as_transformers_does():
+    """Logits in bf16, the loss in float32, the logits' gradient back in bf16: the same roundings as
+    transformers' head and loss, so the two agree far more closely than bf16's own step (2^-8)."""
+    model = lora_model(torch.bfloat16, qlora=True)
+    ids, labels = batch()
+    want_loss, want = loss_and_grads(model, ids, labels)
+    fused.fuse(model, chunk_bytes=4 * 4 * VOCAB)
+    loss, got = loss_and_grads(model, ids, labels)
+    assert abs(float(loss) - float(want_loss)) < 1e-4 * float(want_loss)
+    assert max_rel(got, want) < 2**-8
+
+
+def test_a_peft_model_is_fused_inside_and_trains_as_before():
+    from peft import LoraConfig, get_peft_model
+
+    def peft_model():
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(vocab_size=VOCAB, seed=0),
+                               LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        return model
+
+    ids, labels = batch()
+    want_loss, want = loss_and_grads(peft_model(), ids, labels)
+    model = peft_model()
+    fused.fuse(model, chunk_bytes=3 * 4 * VOCAB)
+    assert fused.causal_lm(model) is model.base_model.model  # the ...ForCausalLM inside, not the wrapper
+    loss, got = loss_and_grads(model, ids, labels)
+    assert torch.allclose(loss, want_loss, rtol=1e-6, atol=0)
+    assert max_rel(got, want) < 1e-5
+
+
+def test_without_labels_the_model_gives_its_logits_as_before():
+    model = lora_model()
+    ids, _ = batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        fused.fuse(model)
+        got = model(input_ids=ids)
+    assert torch.equal(got.logits, want)
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=ids).logits is None  # the fused loss keeps no logits
+
+
+def test_unfuse_gives_back_the_models_own_forward():
+    model = lora_model()
+    fused.fuse(model, offload=True)
+    assert fused.fused_options(model)["offload"]
+    fused.unfuse(model)
+    assert fused.fused_options(model) == {}
+    assert "forward" not in vars(model)
+    ids, labels = batch()
+    assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def test_a_head_with_a_bias_is_refused_and_the_model_left_as_it_was():
+    model = lora_model()
+    model.lm_head.bias = nn.Parameter(torch.zeros(VOCAB))
+    fails_and_changes_nothing(model, lambda: fused.fuse(model), r"lm_head\.bias.*chunked_loss=False")
+    assert "forward" not in vars(model) and fused.fused_options(model) == {}
+    fused.fuse(model, chunked_loss=False, offload=True)  # offloading alone does not care
+    assert fused.fused_options(model) == {"chunked_loss": False, "offload": True,
+                                          "chunk_tokens": fused.chunk_tokens_for(VOCAB)}
+
+
+def test_nothing_to_fuse_and_no_language_model_are_refused():
+    with pytest.raises(ValueError, match="change nothing"):
+        fused.fuse(lora_model(), chunked_loss=False, offload=False)
+    with pytest.raises(ValueError, match="no causal language model"):
+        fused.fuse(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_mismatched_labels_are_refused():
+    with pytest.raises(ValueError, match="do not match"):
+        fused.causal_lm_loss(torch.zeros(2, 5, 8), torch.zeros(VOCAB, 8), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_chunk_size_from_bytes():
+    assert fused.chunk_tokens_for(32000) == 2097  # 256 MiB of float32 logits
+    assert fused.chunk_tokens_for(128256) == 523
+    assert fused.chunk_tokens_for(10**12) == 1
+
+
+@pytest.mark.slow
+def test_the_trainer_trains_the_fused_model_as_the_unfused_one(tmp_path):
+    from .test_fast_trainer import arguments, rows
+
+    losses = {}
+    for name in ("unfused", "fused"):
+        torch.manual_seed(0)
+        model = lora_model()
+        if name == "fused":
+            fused.fuse(model, chunk_bytes=5 * 4 * VOCAB)
+        trainer = T.make_trainer(model, arguments(tmp_path / name, "cpu"), rows(), pad_token_id=0, pad_to=12)
+        trainer.train()
+        losses[name] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses["fused"]) == 6
+    assert max(abs(a - b) / b for a, b in zip(losses["fused"], losses["unfused"])) < 1e-5
+
+
+def test_offloading_cannot_be_recorded_and_the_fast_trainer_says_so(tmp_path):
+    from .test_fast_trainer import arguments, rows
+
+    model = fused.fuse(lora_model(), chunked_loss=False, offload=True)
+    with pytest.raises(ValueError, match="offloads its activations.*offload=False"):
+        fast.CapturedStep(model, torch.optim.AdamW(model.parameters(), capturable=True), input_ids=batch()[0])
+    trainer = fast.make_fast_trainer(model, arguments(tmp_path, "cpu"), rows(), pad_token_id=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.create_optimizer()
+    assert "offloads its activations" in trainer.why_ordinary
+    assert any("offloads its activations" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(not CUDA, reason="host offloading moves CUDA tensors")
+def test_offloaded_checkpointing_keeps_the_gradients_and_less_on_the_gpu():
+    results = {}
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = tiny_llama(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, vocab_size=VOCAB)
+        model = quantize_model(model.to("cuda", torch.bfloat16), "all", alpha=16, r=4, compute_dtype=torch.bfloat16)
+        T.set_checkpointing(model, True)
+        model.train()
+        fused.fuse(model, offload=offload)
+        ids = torch.randint(0, VOCAB, (4, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids).loss
+        held = torch.cuda.memory_allocated() - before  # what waits for the backward on the GPU
+        loss.backward()
+        results[offload] = (held, {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    assert max_rel(results[True][1], results[False][1]) < 1e-6
+    assert results[True][0] < 0.5 * results[False][0]
