@@ -67,10 +67,10 @@ def seed_everything(seed: int = 0) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def versions() -> dict[str, str]:
-    """Installed versions of the packages the book relies on ("missing" where absent)."""
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Installed versions of the packages the book relies on, and of ``extra`` ("missing" where absent)."""
     out = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in [*PACKAGES, *extra]:
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

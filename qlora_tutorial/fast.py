@@ -23,7 +23,7 @@ from torch import nn
 from transformers import Trainer
 
 from . import nf4_triton  # noqa: F401  (registers the Triton kernel as the CUDA backend of the 4-bit matmul)
-from .fused import fused_options
+from .fused import OFFLOAD_NOT_RECORDABLE, fused_options
 from .train import checkpointing_on, make_trainer
 
 
@@ -146,8 +146,7 @@ class CapturedStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, warmup: int = 3, autocast=None,
                  **example):
         if fused_options(model).get("offload"):
-            raise ValueError("the model offloads its activations to the host (fused.fuse(offload=True)), which a CUDA "
-                             "graph cannot record; fuse it with offload=False to record the step")
+            raise ValueError(f"{OFFLOAD_NOT_RECORDABLE}; fuse it with offload=False to record the step")
         if not torch.cuda.is_available():
             raise RuntimeError("CapturedStep records a CUDA graph: it needs a CUDA GPU")
         if not example:
@@ -434,8 +433,8 @@ class FastTrainer(Trainer):
 
     It trains with the ordinary Trainer step (compiled, on a GPU), after one warning that says why,
     where a recording cannot apply: no CUDA GPU, fp16 mixed precision (its loss scaler reads the GPU
-    on the host every step), gradient checkpointing, activations offloaded to the host, an optimizer given from outside, another
-    ``optim``, or the ``reduce_lr_on_plateau`` schedule. After each step the Trainer sets every
+    on the host every step), gradient checkpointing, activations offloaded to the host, an optimizer
+    given from outside, another ``optim``, or the ``reduce_lr_on_plateau`` schedule. After each step the Trainer sets every
     ``p.grad`` to None as usual; the recorded gradients live in the step's own buffers, so a callback
     that reads ``p.grad`` sees None.
     Checkpoints of a model with ``Qlora_4_bit`` layers hold its adapter (``adapters.save_adapter``).
@@ -486,7 +485,7 @@ class FastTrainer(Trainer):
         elif checkpointing_on(model, self.args):
             reason = "gradient checkpointing is on; the recorded step runs without it"
         elif fused_options(model).get("offload"):
-            reason = "the model offloads its activations to the host (fused.fuse(offload=True)), which a graph cannot record"
+            reason = OFFLOAD_NOT_RECORDABLE
         elif self.record and device.type != "cuda":
             reason = f"the model is on {device.type}, and CUDA graphs need a CUDA GPU"
         self.why_ordinary, self._decided = reason, True

@@ -31,6 +31,9 @@ import functools
 import torch
 from torch import nn
 
+# why a step with offloaded activations cannot be recorded (fast.CapturedStep raises it, fast.FastTrainer falls back)
+OFFLOAD_NOT_RECORDABLE = ("the model offloads its activations to the host (fused.fuse(offload=True)), which a CUDA "
+                          "graph cannot record")
 IGNORE_INDEX = -100  # transformers' label for "no loss here" (padding, the prompt)
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk: 256 MiB (2,097 tokens of a 32,000 vocabulary)
 
@@ -198,7 +201,9 @@ def fuse(model: nn.Module, chunked_loss: bool = True, offload: bool = False,
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
             num_items = kwargs.pop("num_items_in_batch", None)
-            kwargs.pop("logits_to_keep", None)
+            if kwargs.pop("logits_to_keep", 0) not in (0, None):
+                raise ValueError(f"{type(lm).__name__} with the chunked loss: logits_to_keep scores only some "
+                                 "positions, which the chunked loss does not; leave it out when giving labels")
             outputs = lm.model(*args, **kwargs)
             loss = causal_lm_loss(outputs.last_hidden_state, lm.lm_head.weight, labels, num_items, tokens)
             return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,

@@ -140,6 +140,17 @@ def llama7b_config():
     )
 
 
+def llama3_8b_config():
+    """Llama-3-8B's architecture, written out so nothing is downloaded."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+
+
 def build_from_config(config, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A causal LM with ``config``'s architecture: on ``meta`` (shapes only, no memory) or randomly initialised."""
     from transformers import AutoModelForCausalLM
@@ -167,8 +178,10 @@ def tiny_llama_config(hidden_size: int = 64, intermediate_size: int = 128, num_h
 
 
 def training_config(name: str):
-    """The architecture ``name`` ("tiny", "tinyllama", "llama7b"), to train from random weights (no KV cache)."""
-    configs = {"tiny": tiny_llama_config, "tinyllama": tinyllama_config, "llama7b": llama7b_config}
+    """The architecture ``name`` ("tiny", "tinyllama", "llama7b", "llama3-8b"), to train from random weights
+    (no KV cache)."""
+    configs = {"tiny": tiny_llama_config, "tinyllama": tinyllama_config, "llama7b": llama7b_config,
+               "llama3-8b": llama3_8b_config}
     if name not in configs:
         raise ValueError(f"unknown architecture {name!r}: choose one of {', '.join(configs)}")
     config = configs[name]()

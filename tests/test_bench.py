@@ -400,6 +400,15 @@ def test_the_unsloth_bench_runs_our_setups_and_peft_on_a_cpu(tmp_path, monkeypat
     assert all(len(r["wall_ms_rounds"]) == 2 and r["peak_gib"] is None for r in out if "failure" not in r)
 
 
+def test_the_unsloth_bench_imports_no_transformers_before_unsloth():
+    """Unsloth must be imported before transformers: its process imports this module first."""
+    import subprocess
+    import sys
+
+    code = "import sys, qlora_tutorial.bench.unsloth; assert 'transformers' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
 def test_unsloth_targets_take_our_smallest_step_with_checkpointing():
     from qlora_tutorial.bench import unsloth
 

@@ -177,6 +177,13 @@ def test_nothing_to_fuse_and_no_language_model_are_refused():
         fused.fuse(nn.Sequential(nn.Linear(2, 2)))
 
 
+def test_logits_to_keep_with_labels_is_refused():
+    model = fused.fuse(lora_model())
+    ids, labels = batch()
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(input_ids=ids, labels=labels, logits_to_keep=1)
+
+
 def test_mismatched_labels_are_refused():
     with pytest.raises(ValueError, match="do not match"):
         fused.causal_lm_loss(torch.zeros(2, 5, 8), torch.zeros(VOCAB, 8), torch.zeros(2, 4, dtype=torch.long))

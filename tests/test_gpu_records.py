@@ -83,7 +83,7 @@ def test_the_unsloth_comparison_covers_both_models_every_shape_and_both_checkpoi
     expected = {(m, s, c, impl, ()) for m, s in points for c in (False, True) for impl in ("unsloth", "peft")}
     expected |= {(m, s, c, "ours", f) for m, s in points for c in (False, True) for f in ours}
     expected |= {(m, s, True, "ours", unsloth.OFFLOADED) for m, s in points}
-    rows = {(r["model"], r["shape"], r["grad_ckpt"], r["implementation"], tuple(r["fusions"])): r for r in result["rows"]}
+    rows = unsloth.setup_rows(result)
     assert len(rows) == len(result["rows"]) and set(rows) == expected
     for r in rows.values():
         assert set(unsloth.ROW_KEYS) <= set(r)

@@ -32,53 +32,26 @@ from pathlib import Path
 
 import torch
 
-from .step import _free, _sync
+from .results import GIB
+from .step import _free, _sync, train_step
+from .suite import TARGETS, save_random_model
 
 R, ALPHA = 16, 32
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROW_KEYS = ("model", "shape", "grad_ckpt", "implementation", "fusions", "wall_ms", "gpu_ms", "peak_gib")
 SHAPES = {"tinyllama": [(4, 512), (4, 2048)], "llama3-8b": [(1, 2048)], "tiny": [(2, 16)]}
-GIB = 2**30
 DEVICE = torch.device("cuda")  # the tests run the setups on the CPU ("tiny" model, no graphs, no Unsloth)
 
 
-def llama3_8b_config():
-    """Llama-3-8B's architecture, written out so nothing is downloaded."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1,
-                       eos_token_id=2)
-
-
-def config_of(name: str):
-    from ..models import tinyllama_config
-
-    if name == "tinyllama":
-        return tinyllama_config()
-    if name == "llama3-8b":
-        return llama3_8b_config()
-    if name == "tiny":
-        from ..models import tiny_llama_config
-
-        return tiny_llama_config()
-    raise ValueError(f"unknown model {name!r}: use tinyllama, llama3-8b or tiny")
-
-
 def save_model(name: str, folder: Path) -> Path:
-    """``name``'s architecture with random bf16 weights, and a word-level tokenizer, saved in ``folder``."""
+    """``name``'s architecture (``models.training_config``) with random bf16 weights, and a word-level
+    tokenizer (Unsloth's loader wants one), saved in ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from ..models import build_from_config
+    from ..models import training_config
 
-    config = config_of(name)
-    config.use_cache = False
-    model = build_from_config(config, device=DEVICE, dtype=torch.bfloat16, seed=0)
-    model.save_pretrained(folder, safe_serialization=True)
-    del model
-    _free(DEVICE)
+    config = training_config(name)
+    save_random_model(config, folder, torch.bfloat16, DEVICE)
     words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(252)]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -101,16 +74,6 @@ def timed(step, steps: int, profile_steps: int) -> tuple[float, float | None]:
         times.append((time.perf_counter() - t0) * 1000)
     busy = gpu_busy_ms(step, profile_steps, DEVICE) if profile_steps else None
     return statistics.median(times), busy
-
-
-def eager_step(model, optimizer, ids):
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-    return step
 
 
 def run_setups(setups, model_name, rounds, steps, warmup, emit):
@@ -194,7 +157,7 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
                 step = lambda: captured(input_ids=ids, labels=ids)  # noqa: E731
             else:
                 optimizer = torch.optim.AdamW(params, lr=1e-5)
-                step = eager_step(model, optimizer, ids)
+                step = lambda: train_step(model, optimizer, ids)  # noqa: E731
 
             def cleanup():
                 nonlocal optimizer
@@ -232,7 +195,7 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
                 ids = torch.randint(0, peft_model.config.vocab_size, shape, device=DEVICE,
                                     generator=torch.Generator(DEVICE).manual_seed(0))
                 optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
-                return eager_step(peft_model, optimizer, ids), lambda: None
+                return (lambda: train_step(peft_model, optimizer, ids)), lambda: None
             return prepare
         run_setups([(shape, ckpt, "peft", (), peft_setup(shape, ckpt)) for shape in shapes for ckpt in ckpts],
                    model_name, rounds, steps, warmup, emit)
@@ -258,7 +221,7 @@ def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit
             def prepare():
                 ids = torch.randint(0, m.config.vocab_size, shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
                 optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
-                return eager_step(m, optimizer, ids), lambda: None
+                return (lambda: train_step(m, optimizer, ids)), lambda: None
             return prepare
         run_setups([(shape, ckpt, "unsloth", (), setup(shape)) for shape in shapes], model_name, rounds, steps,
                    warmup, emit)
@@ -271,13 +234,17 @@ RECORDED = ("graph", "chunked_loss")  # our fastest step
 OFFLOADED = ("chunked_loss", "offload")  # our smallest step with checkpointing
 
 
+def setup_rows(result: dict) -> dict[tuple, dict]:
+    """A run's rows by setup: ``(model, shape, grad_ckpt, implementation, fusions)``, fusions a tuple."""
+    return {(r["model"], r["shape"], r["grad_ckpt"], r["implementation"], tuple(r["fusions"])): r for r in result["rows"]}
+
+
 def unsloth_targets(result: dict) -> list[dict]:
     """The targets of the fusion work, checked on one run's rows, at every model, shape and
     checkpointing setting it has: our recorded step's GPU-busy time at most 0.85 of Unsloth's; our
     peak memory at most Unsloth's (with checkpointing, the smaller of the recorded and the offloaded
     step); our recorded step's wall-clock at most 1.10 times its own GPU-busy time."""
-    rows = {(r["model"], r["shape"], r["grad_ckpt"], r["implementation"], tuple(r["fusions"])): r
-            for r in result["rows"]}
+    rows = setup_rows(result)
     out = []
     for (model, shape, ckpt, impl, fusions), theirs in sorted(rows.items()):
         if impl != "unsloth":
@@ -296,18 +263,6 @@ def unsloth_targets(result: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------ the parent
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "triton", "unsloth", "unsloth_zoo"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tinyllama,llama3-8b")
@@ -332,7 +287,9 @@ def main(argv=None) -> int:
     from .results import provenance, shown_command
 
     command = shown_command("python -m qlora_tutorial.bench.unsloth " + " ".join(argv or sys.argv[1:]))
-    record = {"provenance": {**provenance(DEVICE, command), "versions": versions()},
+    from ..device import versions
+
+    record = {"provenance": {**provenance(DEVICE, command), "versions": versions(extra=("triton", "unsloth", "unsloth_zoo"))},
               "rows": [], "failures": [], "seconds": {}}
     out = Path(args.json)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
