@@ -38,7 +38,8 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return best
 
 
-def compile_for_training(model: nn.Module, mode: str = "default", regional: bool = True, **kwargs) -> nn.Module:
+def compile_for_training(model: nn.Module, mode: str = "default", regional: bool = True,
+                         memory_budget: float | None = None, **kwargs) -> nn.Module:
     """``torch.compile`` a model for training, in place; returns it.
 
     ``regional=True`` compiles each repeated block (the decoder layers) rather than the whole model:
@@ -47,20 +48,62 @@ def compile_for_training(model: nn.Module, mode: str = "default", regional: bool
     ``torch.compile``'s: ``"default"``, or ``"max-autotune-no-cudagraphs"``. For CUDA graphs, record the
     whole step with ``CapturedStep`` (on top of this or not): per-region graphs would still leave the
     launches between regions to the host.
+
+    ``memory_budget`` (between 0 and 1; None: the compiler's default, 1) is the share of the
+    activations a compiled block may keep for the backward, the rest computed again there. The
+    compiler splits each block's forward and backward itself ("min-cut rematerialization"): by default
+    it keeps whatever saves recomputation, a budget below 1 makes it recompute the cheapest
+    tensors (element-wise results, the small LoRA products x W_a) first. It is PyTorch's
+    ``activation_memory_budget``, applied while these blocks compile; chapter 13 measures what 0.8
+    saves and costs. Call ``torch._dynamo.reset()`` first to compile a model again with another budget.
     """
     if mode not in ("default", "max-autotune-no-cudagraphs"):
         raise ValueError(f"mode {mode!r}: use 'default' or 'max-autotune-no-cudagraphs' here, and CapturedStep "
                          "for CUDA graphs (torch.compile's 'reduce-overhead' graphs each region separately)")
-    if not regional:
-        model.compile(mode=mode, **kwargs)
-        return model
-    blocks = repeated_blocks(model)
+    if memory_budget is not None and not 0 < memory_budget <= 1:
+        raise ValueError(f"memory_budget={memory_budget!r}: give the share of the activations to keep, "
+                         "above 0 and at most 1 (or None for the compiler's default)")
+    blocks = [model] if not regional else repeated_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of repeated blocks to compile; "
                          "use regional=False to compile the whole model")
     for block in blocks:
         block.compile(mode=mode, **kwargs)
+        if memory_budget is not None:
+            block._compiled_call_impl = _with_memory_budget(block._compiled_call_impl, memory_budget)
     return model
+
+
+def kept_for_backward(model: nn.Module, **inputs) -> tuple[int, torch.Tensor]:
+    """One forward of ``model(**inputs)``: the bytes autograd keeps for the backward (each storage
+    once; the model's own parameters and buffers aside), and the output's ``loss``, whose backward the
+    caller runs (or drops)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**inputs).loss
+    return sum(kept.values()), loss
+
+
+def _with_memory_budget(compiled, budget: float):
+    """``compiled`` (a block's compiled call), compiling under the activation memory budget ``budget``.
+    The compiler reads the budget when it splits a forward from its backward: on the first call, and
+    on any later one that compiles again (new shapes)."""
+    from torch._functorch import config as functorch_config
+
+    def call(*args, **kwargs):
+        with functorch_config.patch(activation_memory_budget=budget):
+            return compiled(*args, **kwargs)
+
+    call.memory_budget = budget
+    return call
 
 
 # ------------------------------------------------------------------ CUDA graphs

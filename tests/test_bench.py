@@ -396,7 +396,9 @@ def test_the_unsloth_bench_runs_our_setups_and_peft_on_a_cpu(tmp_path, monkeypat
                     (True, "ours", ("chunked_loss",)), (True, "ours", unsloth.OFFLOADED), (False, "peft", ()),
                     (True, "peft", ())}
     failures = [r for r in out if "failure" in r]
-    assert len(failures) == 2 * 4 and all("needs a CUDA GPU" in f["error"] for f in failures)  # 4 graph setups x 2 rounds
+    # 5 recorded setups (graph, graph + chunked loss, with and without checkpointing; + budget without) x 2 rounds
+    assert len(failures) == 2 * 5 and all("needs a CUDA GPU" in f["error"] for f in failures)
+    assert sum(unsloth.BUDGETED[-1] in f["failure"] for f in failures) == 2
     assert all(len(r["wall_ms_rounds"]) == 2 and r["peak_gib"] is None for r in out if "failure" not in r)
 
 
@@ -423,3 +425,28 @@ def test_unsloth_targets_take_our_smallest_step_with_checkpointing():
                    "our wall-clock / our GPU-busy": (1.05, True)}
     result["rows"][1]["gpu_ms"] = 45  # 0.9 of Unsloth's: a miss
     assert [t["ok"] for t in unsloth.unsloth_targets(result)] == [False, True, True]
+    result["rows"].append(row(True, "ours", unsloth.BUDGETED, 43, 41, 1.6))  # smaller still: its peak counts
+    assert unsloth.unsloth_targets(result)[1]["value"] == 0.8
+
+
+def test_kernels_are_told_apart_by_their_names():
+    """The GPU-busy time by kind of kernel reads the kernels' names as the profiler gives them on an H100."""
+    from qlora_tutorial.bench.profiling import KERNEL_KINDS, kernel_kind
+
+    names = {
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas": "matmul",
+        "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(Params)": "matmul",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::bfloat16_t>>": "attention",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel)": "attention",
+        "nf4_dequantize_kernel": "dequantize",
+        "void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*, float*, __nv_bfloat16*, int, int)": "dequantize",
+        "Memcpy DtoH (Device -> Pinned)": "copy",
+        "Memset (Device)": "copy",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "triton_poi_fused__to_copy_mul_silu_0": "other",
+        "_rms_layernorm_forward": "other",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "other",
+    }
+    assert {name: kernel_kind(name) for name in names} == names
+    assert {kind for kind, _ in KERNEL_KINDS} | {"other"} == set(names.values())

@@ -148,6 +148,44 @@ def test_compile_for_training_compiles_each_decoder_layer():
         fast.compile_for_training(torch.nn.Linear(2, 2))
 
 
+def _kept_loss_and_grads(model, ids):
+    kept, loss = fast.kept_for_backward(model, input_ids=ids, labels=ids)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return kept, loss.detach(), grads
+
+
+@pytest.mark.slow
+def test_a_memory_budget_keeps_fewer_activations_and_computes_the_same_step():
+    """compile_for_training(memory_budget=b): the compiler's own forward/backward split (the
+    min-cut partitioner, as the inductor backend uses it) keeps fewer bytes for the backward as the
+    budget falls, and the step's loss and gradients stay those of the default split."""
+    ids = torch.randint(0, 256, (2, 64), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    results = {}
+    for budget in (None, 0.8, 0.5):
+        torch._dynamo.reset()
+        model = quantize_model(tiny_llama(hidden_size=128, intermediate_size=352).to(DEVICE), TARGETS, 8, 4,
+                               compute_dtype=torch.float32)
+        model.train()
+        fast.compile_for_training(model, backend="aot_eager_decomp_partition", memory_budget=budget)
+        _kept_loss_and_grads(model, ids)  # compiles
+        results[budget] = _kept_loss_and_grads(model, ids)
+    torch._dynamo.reset()
+    default, eight, half = results[None], results[0.8], results[0.5]
+    assert default[0] > eight[0] > half[0]
+    assert eight[0] < 0.85 * default[0]
+    for saved, loss, grads in (eight, half):
+        torch.testing.assert_close(loss, default[1], rtol=1e-6, atol=0)
+        for g, g0 in zip(grads, default[2], strict=True):
+            torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-7)
+    block = fast.repeated_blocks(model)[0]
+    assert block._compiled_call_impl.memory_budget == 0.5
+    for bad in (0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="memory_budget"):
+            fast.compile_for_training(model, memory_budget=bad)
+
+
 def test_captured_step_needs_cuda_and_a_capturable_optimizer():
     model = tiny_llama().to(DEVICE)
     ids = torch.randint(0, 256, (2, 16), device=DEVICE)

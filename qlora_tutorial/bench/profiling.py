@@ -84,14 +84,15 @@ def table_totals(table: str, steps: int) -> dict:
 
 
 
-def gpu_busy_ms(step, steps: int, device: torch.device) -> float | None:
+def gpu_busy_ms(step, steps: int, device: torch.device, by_kind: bool = False):
     """Milliseconds per step the GPU spends running kernels (and copies), from the profiler.
 
     The sum of the device's own time over every event (the total under the profiler's table): idle
-    gaps, where the GPU waits for the host, do not count. ``None`` on a CPU.
+    gaps, where the GPU waits for the host, do not count. ``None`` on a CPU. ``by_kind=True`` returns
+    ``(total, {kind: ms})`` instead, the same time split by ``kernel_kind``.
     """
     if device.type != "cuda":
-        return None
+        return (None, None) if by_kind else None
     from torch.profiler import ProfilerActivity, profile
 
     _sync(device)
@@ -99,7 +100,33 @@ def gpu_busy_ms(step, steps: int, device: torch.device) -> float | None:
         for _ in range(steps):
             step()
         _sync(device)
+    if by_kind:
+        return device_ms_per_step(prof, steps), device_ms_by_kind(prof, steps)
     return device_ms_per_step(prof, steps)
+
+
+# What a kernel does, read off its name; the first kind whose words the name holds (lower case).
+# Attention comes before matmuls: some attention kernels are built on CUTLASS, whose name the matmuls share.
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention")),
+                ("dequantize", ("dequant",)),
+                ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
+                ("copy", ("memcpy", "memset")),
+                ("optimizer", ("multi_tensor_apply", "adam")))
+
+
+def kernel_kind(name: str) -> str:
+    """``"attention"``, ``"dequantize"``, ``"matmul"``, ``"copy"``, ``"optimizer"`` or ``"other"``
+    (element-wise and reduction kernels: norms, activations, the loss, casts), by the kernel's name."""
+    lower = name.lower()
+    return next((kind for kind, words in KERNEL_KINDS if any(w in lower for w in words)), "other")
+
+
+def device_ms_by_kind(prof, steps: int) -> dict[str, float]:
+    """The device's own time per step in a finished profile, by ``kernel_kind`` (ms; every kind, 0 where none)."""
+    out = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for event in prof.key_averages():
+        out[kernel_kind(event.key)] += event.self_device_time_total / 1000 / steps
+    return out
 
 
 def device_ms_per_step(prof, steps: int) -> float:

@@ -10,13 +10,16 @@ memory. Each process prints its rows as JSON lines; the parent collects them.
 What a row holds (``ROW_KEYS``): the wall-clock per step (median of the timed steps), the GPU-busy
 time per step (the profiler's kernel time, ``profiling.gpu_busy_ms``, in the first round), and the
 peak memory allocated while training, weights included (every process holds one model, so peaks
-compare directly; the first round's). Every setup runs its steps in ``rounds`` rounds, the setups of
+compare directly; the first round's), and the GPU-busy time by what the kernels do
+(``gpu_ms_by_kind``: ``profiling.kernel_kind``). Every setup runs its steps in ``rounds`` rounds, the setups of
 a process interleaved; a row gives the median round's wall-clock and every round's.
 
 Our setups (``fusions``): ``graph`` (compiled decoder layers, the step recorded as a CUDA graph:
 ``fast.CapturedStep``), ``chunked_loss`` (``fused.fuse``), ``offload`` (activations kept on the host,
-``fused.fuse(offload=True)``; eager, since a graph cannot record it). Each fusion also runs without
-the others it is measured against, so the rows give what each saves on its own.
+``fused.fuse(offload=True)``; eager, since a graph cannot record it), ``budget`` (the layers compiled
+with ``memory_budget=BUDGET``: the compiler computes the cheapest activations again in the backward
+instead of keeping them; with ``graph``, without checkpointing). Each fusion also runs without the
+others it is measured against, so the rows give what each saves on its own.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from .step import _free, _sync, train_step
 from .suite import TARGETS, save_random_model
 
 R, ALPHA = 16, 32
+BUDGET = 0.8  # fast.compile_for_training(memory_budget=...) of the "budget" setups
 ROW_KEYS = ("model", "shape", "grad_ckpt", "implementation", "fusions", "wall_ms", "gpu_ms", "peak_gib")
 SHAPES = {"tinyllama": [(4, 512), (4, 2048)], "llama3-8b": [(1, 2048)], "tiny": [(2, 16)]}
 DEVICE = torch.device("cuda")  # the tests run the setups on the CPU ("tiny" model, no graphs, no Unsloth)
@@ -61,8 +65,9 @@ def save_model(name: str, folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------ timing one setup
-def timed(step, steps: int, profile_steps: int) -> tuple[float, float | None]:
-    """Median wall-clock ms of ``steps`` steps (the GPU synchronised around each), and GPU-busy ms per step."""
+def timed(step, steps: int, profile_steps: int) -> tuple[float, float | None, dict | None]:
+    """Median wall-clock ms of ``steps`` steps (the GPU synchronised around each), GPU-busy ms per step,
+    and that time by kind of kernel."""
     from .profiling import gpu_busy_ms
 
     times = []
@@ -72,20 +77,32 @@ def timed(step, steps: int, profile_steps: int) -> tuple[float, float | None]:
         step()
         _sync(DEVICE)
         times.append((time.perf_counter() - t0) * 1000)
-    busy = gpu_busy_ms(step, profile_steps, DEVICE) if profile_steps else None
-    return statistics.median(times), busy
+    busy, kinds = gpu_busy_ms(step, profile_steps, DEVICE, by_kind=True) if profile_steps else (None, None)
+    return statistics.median(times), busy, kinds
 
 
-def run_setups(setups, model_name, rounds, steps, warmup, emit):
+def allocated() -> int | None:
+    """Bytes allocated on the GPU now (None on a CPU)."""
+    return torch.cuda.memory_allocated() if DEVICE.type == "cuda" else None
+
+
+def run_setups(setups, model_name, rounds, steps, warmup, emit, model_bytes=None):
     """``setups``: (shape, grad_ckpt, implementation, fusions, prepare) with ``prepare()`` -> (step, cleanup).
-    Each round prepares every setup afresh (peak memory measured from there), warms it up and times it."""
-    results = {i: {"wall": [], "gpu": [], "peak": []} for i in range(len(setups))}
+    Each round prepares every setup afresh (peak memory measured from there), warms it up and times it.
+
+    ``model_bytes``: what the GPU held once the model was built. Memory still allocated beyond it
+    when a setup starts (an earlier setup's leftovers: compiled code, a recording's pool) is taken off
+    that setup's peak, and its size recorded (``leftover_gib``), so each peak is the model's plus the
+    setup's own."""
+    results = {i: {"wall": [], "gpu": [], "peak": [], "left": [], "kinds": None} for i in range(len(setups))}
     for k in range(rounds):
         for i, (shape, ckpt, impl, fusions, prepare) in enumerate(setups):
             label = f"{model_name} {shape[0]}x{shape[1]} ckpt={ckpt} {impl} {'+'.join(fusions) or 'none'}"
             try:
                 _free(DEVICE)
+                left = 0
                 if DEVICE.type == "cuda":
+                    left = max(0, allocated() - model_bytes) if model_bytes is not None else 0
                     torch.cuda.reset_peak_memory_stats()
                 step, cleanup = prepare()
                 for _ in range(warmup):
@@ -93,8 +110,8 @@ def run_setups(setups, model_name, rounds, steps, warmup, emit):
                 _sync(DEVICE)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"the loss is {float(loss)}")
-                wall, busy = timed(step, steps, 3 if k == 0 else 0)
-                peak = torch.cuda.max_memory_allocated() / GIB if DEVICE.type == "cuda" else None
+                wall, busy, kinds = timed(step, steps, 3 if k == 0 else 0)
+                peak = (torch.cuda.max_memory_allocated() - left) / GIB if DEVICE.type == "cuda" else None
                 cleanup()
                 step = cleanup = loss = None  # a recorded step's memory pool goes with it, before the next setup
             except Exception as exc:  # recorded, and the other setups go on
@@ -106,8 +123,10 @@ def run_setups(setups, model_name, rounds, steps, warmup, emit):
             r["wall"].append(wall)
             if peak is not None:
                 r["peak"].append(peak)
+                r["left"].append(left / GIB)
             if busy is not None:
                 r["gpu"].append(busy)
+                r["kinds"] = r["kinds"] or {kind: round(ms, 2) for kind, ms in kinds.items()}
             print(f"[{label}] round {k}: {wall:.1f} ms wall, {busy or float('nan'):.1f} ms GPU, {peak or 0:.2f} GiB",
                   file=sys.stderr, flush=True)
     for i, (shape, ckpt, impl, fusions, _) in enumerate(setups):
@@ -118,10 +137,11 @@ def run_setups(setups, model_name, rounds, steps, warmup, emit):
               "fusions": list(fusions), "wall_ms": round(statistics.median(r["wall"]), 2),
               "wall_ms_rounds": [round(w, 2) for w in r["wall"]],
               "gpu_ms": round(statistics.median(r["gpu"]), 2) if r["gpu"] else None,
-              # the first round's peak: later rounds of our recorded steps read about 0.5 GiB more, memory
-              # an earlier recording in the same process keeps (``peak_gib_rounds`` shows it)
+              "gpu_ms_by_kind": r["kinds"],
+              # the first round's peak, less what earlier setups left allocated (``leftover_gib_rounds``)
               "peak_gib": round(r["peak"][0], 3) if r["peak"] else None,
-              "peak_gib_rounds": [round(p, 3) for p in r["peak"]]})
+              "peak_gib_rounds": [round(p, 3) for p in r["peak"]],
+              "leftover_gib_rounds": [round(g, 3) for g in r["left"]]})
 
 
 # ------------------------------------------------------------------ the implementations, each in its own process
@@ -137,7 +157,8 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
     model.config.use_cache = False
     quantize_model(model, TARGETS, ALPHA, R, compute_dtype=torch.bfloat16)
     model.train()
-    compiled = []
+    model_bytes = allocated()
+    compiled = []  # the memory budget the layers are compiled with, once they are
 
     def setup(shape, ckpt, fusions):
         def prepare():
@@ -149,9 +170,11 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
                                 generator=torch.Generator(DEVICE).manual_seed(0))
             params = [p for p in model.parameters() if p.requires_grad]
             if "graph" in fusions:
-                if not compiled:
-                    fast.compile_for_training(model)
-                    compiled.append(True)
+                budget = BUDGET if "budget" in fusions else None
+                if compiled != [budget]:
+                    torch._dynamo.reset()
+                    fast.compile_for_training(model, memory_budget=budget)
+                    compiled[:] = [budget]
                 optimizer = torch.optim.AdamW(params, lr=1e-5, capturable=True)
                 captured = fast.CapturedStep(model, optimizer, warmup=2, input_ids=ids, labels=ids)
                 step = lambda: captured(input_ids=ids, labels=ids)  # noqa: E731
@@ -174,12 +197,16 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
             choices = [("graph", "chunked_loss"), ("graph",), ("chunked_loss",), ()]
             if ckpt:
                 choices.append(("chunked_loss", "offload"))
+            else:
+                choices.append(BUDGETED)
             for fusions in choices:
                 setups.append((shape, ckpt, "ours", fusions, setup(shape, ckpt, fusions)))
     # the eager setups first, in rounds of their own: compiling the layers for the graphs changes every
     # later step of this model
-    run_setups([s for s in setups if "graph" not in s[3]], model_name, rounds, steps, warmup, emit)
-    run_setups([s for s in setups if "graph" in s[3]], model_name, rounds, steps, warmup, emit)
+    run_setups([s for s in setups if "graph" not in s[3]], model_name, rounds, steps, warmup, emit, model_bytes)
+    for budgeted in (False, True):  # compiled with one budget, then with the other
+        run_setups([s for s in setups if "graph" in s[3] and ("budget" in s[3]) == budgeted], model_name, rounds,
+                   steps, warmup, emit, model_bytes)
     model = None  # the closures above hold it through this name
     torch._dynamo.reset()
     _free(DEVICE)
@@ -188,6 +215,7 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
 
         peft_model = build("qlora", "peft", Path(folder), DEVICE, torch.bfloat16, r=R, alpha=ALPHA)
         peft_model.train()
+        peft_bytes = allocated()
 
         def peft_setup(shape, ckpt):
             def prepare():
@@ -198,7 +226,7 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
                 return (lambda: train_step(peft_model, optimizer, ids)), lambda: None
             return prepare
         run_setups([(shape, ckpt, "peft", (), peft_setup(shape, ckpt)) for shape in shapes for ckpt in ckpts],
-                   model_name, rounds, steps, warmup, emit)
+                   model_name, rounds, steps, warmup, emit, peft_bytes)
 
 
 def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit):
@@ -216,6 +244,7 @@ def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit
                                                  lora_dropout=0, bias="none", random_state=0,
                                                  use_gradient_checkpointing="unsloth" if ckpt else False)
         FastLanguageModel.for_training(model)
+        model_bytes = allocated()
 
         def setup(shape, m=model):
             def prepare():
@@ -224,7 +253,7 @@ def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit
                 return (lambda: train_step(m, optimizer, ids)), lambda: None
             return prepare
         run_setups([(shape, ckpt, "unsloth", (), setup(shape)) for shape in shapes], model_name, rounds, steps,
-                   warmup, emit)
+                   warmup, emit, model_bytes)
         del model
         _free(DEVICE)
 
@@ -232,6 +261,7 @@ def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit
 # ------------------------------------------------------------------ the targets
 RECORDED = ("graph", "chunked_loss")  # our fastest step
 OFFLOADED = ("chunked_loss", "offload")  # our smallest step with checkpointing
+BUDGETED = ("graph", "chunked_loss", "budget")  # our smallest recorded step without checkpointing
 
 
 def setup_rows(result: dict) -> dict[tuple, dict]:
@@ -242,8 +272,9 @@ def setup_rows(result: dict) -> dict[tuple, dict]:
 def unsloth_targets(result: dict) -> list[dict]:
     """The targets of the fusion work, checked on one run's rows, at every model, shape and
     checkpointing setting it has: our recorded step's GPU-busy time at most 0.85 of Unsloth's; our
-    peak memory at most Unsloth's (with checkpointing, the smaller of the recorded and the offloaded
-    step); our recorded step's wall-clock at most 1.10 times its own GPU-busy time."""
+    peak memory at most Unsloth's (the smallest of our recorded step, the recorded step compiled with
+    a memory budget, and the offloaded step, where the run has them); our recorded step's wall-clock
+    at most 1.10 times its own GPU-busy time."""
     rows = setup_rows(result)
     out = []
     for (model, shape, ckpt, impl, fusions), theirs in sorted(rows.items()):
@@ -253,8 +284,8 @@ def unsloth_targets(result: dict) -> list[dict]:
         if ours is None:
             continue
         where = f"{model} {shape}{' with checkpointing' if ckpt else ''}"
-        smallest = min([ours] + ([rows[k] for k in [(model, shape, ckpt, "ours", OFFLOADED)] if k in rows]),
-                       key=lambda r: r["peak_gib"])
+        smallest = min([ours] + [rows[k] for k in [(model, shape, ckpt, "ours", f) for f in (BUDGETED, OFFLOADED)]
+                                 if k in rows], key=lambda r: r["peak_gib"])
         for name, value, limit in ((f"{where}: GPU-busy, ours / Unsloth", ours["gpu_ms"] / theirs["gpu_ms"], 0.85),
                                    (f"{where}: peak memory, ours / Unsloth", smallest["peak_gib"] / theirs["peak_gib"], 1.0),
                                    (f"{where}: our wall-clock / our GPU-busy", ours["wall_ms"] / ours["gpu_ms"], 1.10)):
@@ -276,6 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--ckpts", default="0,1")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one implementation's process may take")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run's rows to --json's (a run on the same device), its command to the commands")
     args = parser.parse_args(argv)
     ckpts = [bool(int(c)) for c in args.ckpts.split(",")]
     if args.child:
@@ -291,7 +324,15 @@ def main(argv=None) -> int:
 
     record = {"provenance": {**provenance(DEVICE, command), "versions": versions(extra=("triton", "unsloth", "unsloth_zoo"))},
               "rows": [], "failures": [], "seconds": {}}
+    record["provenance"]["commands"] = [record["provenance"].pop("command")]
     out = Path(args.json)
+    if args.append:
+        earlier = json.loads(out.read_text())
+        if earlier["provenance"]["device"] != record["provenance"]["device"]:
+            raise SystemExit(f"--append: {out} was measured on {earlier['provenance']['device']}, this run is on "
+                             f"{record['provenance']['device']}; timings compare only on one device")
+        earlier["provenance"]["commands"] += record["provenance"]["commands"]
+        record = earlier
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
     with tempfile.TemporaryDirectory(prefix="unsloth-bench-") as tmp:
         for name in args.models.split(","):
