@@ -4,6 +4,8 @@ The runs happen on a GPU (the commands are in each file's provenance); these che
 recorded numbers to the targets that belong to the benchmark, not to the chapters that show them.
 """
 import json
+
+import pytest
 from pathlib import Path
 
 from qlora_tutorial.bench import trainer_speed
@@ -44,6 +46,7 @@ def test_the_gpu_record_covers_every_chapter_in_both_compute_dtypes():
     for r in runs.values():
         assert r["seconds"] > 0
         assert (r["peak_gib"] is not None) if r["ok"] else r["error"].startswith("exit ")
+    assert all(r["ok"] for r in runs.values()), [key for key, r in runs.items() if not r["ok"]]
 
 
 def test_ours_against_peft_has_both_peft_adapter_dtypes():
@@ -83,6 +86,7 @@ def test_the_unsloth_comparison_covers_both_models_every_shape_and_both_checkpoi
     expected = {(m, s, c, impl, ()) for m, s in points for c in (False, True) for impl in ("unsloth", "peft")}
     expected |= {(m, s, c, "ours", f) for m, s in points for c in (False, True) for f in ours}
     expected |= {(m, s, True, "ours", unsloth.OFFLOADED) for m, s in points}
+    expected |= {(m, s, False, "ours", unsloth.BUDGETED) for m, s in points}
     rows = unsloth.setup_rows(result)
     assert len(rows) == len(result["rows"]) and set(rows) == expected
     for r in rows.values():
@@ -91,3 +95,8 @@ def test_the_unsloth_comparison_covers_both_models_every_shape_and_both_checkpoi
     targets = unsloth.unsloth_targets(result)
     assert len(targets) == 3 * 2 * len(points)
     assert all(t["ok"] for t in targets if "wall-clock" in t["target"]), targets
+    # without checkpointing, the recorded step compiled with a memory budget holds less than Unsloth's
+    assert all(t["ok"] for t in targets if "peak memory" in t["target"] and "checkpointing" not in t["target"])
+    for r in rows.values():  # each row's GPU time, split by kind of kernel, adds up to it
+        assert sum(r["gpu_ms_by_kind"].values()) == pytest.approx(r["gpu_ms"], abs=0.05)
+        assert len(r["leftover_gib_rounds"]) == len(r["peak_gib_rounds"])

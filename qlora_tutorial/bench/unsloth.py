@@ -294,6 +294,16 @@ def unsloth_targets(result: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------ the parent
+NOTES = {  # what a record's provenance says of how it was measured
+    "processes": "Unsloth in a process of its own (it must be imported before transformers); ours and PEFT's in "
+                 "another, for each model",
+    "peak_gib": "the first round's peak allocated memory, weights included, less what earlier setups in the same "
+                "process left allocated when the setup started (leftover_gib_rounds)",
+    "gpu_ms": "the profiler's kernel time per step over 3 steps of the first round; gpu_ms_by_kind splits it by "
+              "kernel name (profiling.kernel_kind)",
+}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tinyllama,llama3-8b")
@@ -325,6 +335,7 @@ def main(argv=None) -> int:
     record = {"provenance": {**provenance(DEVICE, command), "versions": versions(extra=("triton", "unsloth", "unsloth_zoo"))},
               "rows": [], "failures": [], "seconds": {}}
     record["provenance"]["commands"] = [record["provenance"].pop("command")]
+    record["provenance"].update(NOTES)
     out = Path(args.json)
     if args.append:
         earlier = json.loads(out.read_text())
