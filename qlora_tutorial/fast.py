@@ -49,20 +49,23 @@ def compile_for_training(model: nn.Module, mode: str = "default", regional: bool
     whole step with ``CapturedStep`` (on top of this or not): per-region graphs would still leave the
     launches between regions to the host.
 
-    ``memory_budget`` (between 0 and 1; None: the compiler's default, 1) is the share of the
-    activations a compiled block may keep for the backward, the rest computed again there. The
-    compiler splits each block's forward and backward itself ("min-cut rematerialization"): by default
-    it keeps whatever saves recomputation, a budget below 1 makes it recompute the cheapest
-    tensors (element-wise results, the small LoRA products x W_a) first. It is PyTorch's
-    ``activation_memory_budget``, applied while these blocks compile; chapter 13 measures what 0.8
-    saves and costs. Call ``torch._dynamo.reset()`` first to compile a model again with another budget.
+    ``memory_budget`` (0 to 1; None: the compiler's default, 1) moves what each compiled block keeps
+    for the backward. The compiler splits a block's forward and backward itself ("min-cut
+    rematerialization"): by default it computes again what its fused element-wise kernels make
+    cheaply and keeps the rest (the inputs of matmuls, the results of reductions). At 0 a block keeps
+    only its inputs and computes everything again; in between, the bytes it keeps above its inputs are
+    at most that share of what the default keeps above them, the recomputation chosen by the
+    compiler's estimate of each operation's cost (element-wise results and the small LoRA products
+    x W_a first). It is PyTorch's ``activation_memory_budget``, applied while these blocks compile;
+    chapter 13 measures what 0.8 saves and costs. Call ``torch._dynamo.reset()`` first to compile a
+    model again with another budget.
     """
     if mode not in ("default", "max-autotune-no-cudagraphs"):
         raise ValueError(f"mode {mode!r}: use 'default' or 'max-autotune-no-cudagraphs' here, and CapturedStep "
                          "for CUDA graphs (torch.compile's 'reduce-overhead' graphs each region separately)")
-    if memory_budget is not None and not 0 < memory_budget <= 1:
-        raise ValueError(f"memory_budget={memory_budget!r}: give the share of the activations to keep, "
-                         "above 0 and at most 1 (or None for the compiler's default)")
+    if memory_budget is not None and not 0 <= memory_budget <= 1:
+        raise ValueError(f"memory_budget={memory_budget!r}: give a share from 0 (keep only each block's inputs) "
+                         "to 1 (the compiler's default), or None")
     blocks = [model] if not regional else repeated_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of repeated blocks to compile; "

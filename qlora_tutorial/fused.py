@@ -21,7 +21,8 @@ chunked loss runs inside a recorded CUDA graph (``fast.CapturedStep``), where it
 host time. Host offloading cannot be recorded: a graph has no place for host buffers that each step
 allocates. The RMSNorm, rotary embedding and SwiGLU of each decoder layer need no module of their
 own: ``fast.compile_for_training`` compiles each layer, and the compiler fuses their elementwise
-work into a few kernels.
+work into a few kernels; its ``memory_budget`` sets how much of their activations each compiled
+layer keeps for the backward and how much it computes again.
 """
 from __future__ import annotations
 
