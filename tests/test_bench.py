@@ -382,8 +382,9 @@ def test_speed_run_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_the_unsloth_bench_runs_our_setups_and_peft_on_a_cpu(tmp_path, monkeypatch):
-    """Every setup of our process of bench.unsloth, on a small Llama on the CPU: the eager ones
-    train and give rows; the recorded ones need CUDA and are recorded as failures, with the reason."""
+    """Every setup of our process of bench.unsloth, on a small Llama on the CPU: the eager ones (with
+    compiled layers or not) train and give rows; the recorded ones need CUDA and are recorded as
+    failures, with the reason."""
     from qlora_tutorial.bench import unsloth
 
     monkeypatch.setattr(unsloth, "DEVICE", torch.device("cpu"))
@@ -393,8 +394,8 @@ def test_the_unsloth_bench_runs_our_setups_and_peft_on_a_cpu(tmp_path, monkeypat
     unsloth.child_ours(folder, "tiny", unsloth.SHAPES["tiny"], [False, True], rounds=2, steps=1, warmup=1, emit=out.append)
     rows = {(r["grad_ckpt"], r["implementation"], tuple(r["fusions"])) for r in out if "failure" not in r}
     assert rows == {(False, "ours", ()), (False, "ours", ("chunked_loss",)), (True, "ours", ()),
-                    (True, "ours", ("chunked_loss",)), (True, "ours", unsloth.OFFLOADED), (False, "peft", ()),
-                    (True, "peft", ())}
+                    (True, "ours", ("chunked_loss",)), (True, "ours", unsloth.OFFLOADED),
+                    (True, "ours", unsloth.COMPILED_OFFLOADED), (False, "peft", ()), (True, "peft", ())}
     failures = [r for r in out if "failure" in r]
     # 5 recorded setups (graph, graph + chunked loss, with and without checkpointing; + budget without) x 2 rounds
     assert len(failures) == 2 * 5 and all("needs a CUDA GPU" in f["error"] for f in failures)

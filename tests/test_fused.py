@@ -237,16 +237,22 @@ def test_offloading_cannot_be_recorded_and_the_fast_trainer_says_so(tmp_path):
 
 
 @pytest.mark.skipif(not CUDA, reason="host offloading moves CUDA tensors")
-def test_offloaded_checkpointing_keeps_the_gradients_and_less_on_the_gpu():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled layers"])
+def test_offloaded_checkpointing_keeps_the_gradients_and_less_on_the_gpu(compiled):
     results = {}
     for offload in (False, True):
         torch.manual_seed(0)
+        torch._dynamo.reset()
         model = tiny_llama(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, vocab_size=VOCAB)
         model = quantize_model(model.to("cuda", torch.bfloat16), "all", alpha=16, r=4, compute_dtype=torch.bfloat16)
         T.set_checkpointing(model, True)
         model.train()
         fused.fuse(model, offload=offload)
         ids = torch.randint(0, VOCAB, (4, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        if compiled:  # compiled, and one step taken, so the compilation is not in what is measured
+            fast.compile_for_training(model)
+            model(input_ids=ids, labels=ids).loss.backward()
+            model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         loss = model(input_ids=ids, labels=ids).loss
