@@ -77,24 +77,6 @@ def compile_for_training(model: nn.Module, mode: str = "default", regional: bool
     return model
 
 
-def kept_for_backward(model: nn.Module, **inputs) -> tuple[int, torch.Tensor]:
-    """One forward of ``model(**inputs)``: the bytes autograd keeps for the backward (each storage
-    once; the model's own parameters and buffers aside), and the output's ``loss``, whose backward the
-    caller runs (or drops)."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    kept = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in own:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(**inputs).loss
-    return sum(kept.values()), loss
-
-
 def _with_memory_budget(compiled, budget: float):
     """``compiled`` (a block's compiled call), compiling under the activation memory budget ``budget``.
     The compiler reads the budget when it splits a forward from its backward: on the first call, and

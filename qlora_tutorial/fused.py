@@ -32,10 +32,11 @@ import functools
 import torch
 from torch import nn
 
+from .train import IGNORE_INDEX  # the label of "no loss here" (padding, the prompt)
+
 # why a step with offloaded activations cannot be recorded (fast.CapturedStep raises it, fast.FastTrainer falls back)
 OFFLOAD_NOT_RECORDABLE = ("the model offloads its activations to the host (fused.fuse(offload=True)), which a CUDA "
                           "graph cannot record")
-IGNORE_INDEX = -100  # transformers' label for "no loss here" (padding, the prompt)
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk: 256 MiB (2,097 tokens of a 32,000 vocabulary)
 
 

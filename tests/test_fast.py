@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlora_tutorial import Qlora_4_bit, fast, quantize_model
+from qlora_tutorial import Qlora_4_bit, fast, memory, quantize_model
 from qlora_tutorial.bench import TARGETS
 from qlora_tutorial.models import tiny_llama
 
@@ -149,7 +149,10 @@ def test_compile_for_training_compiles_each_decoder_layer():
 
 
 def _kept_loss_and_grads(model, ids):
-    kept, loss = fast.kept_for_backward(model, input_ids=ids, labels=ids)
+    """What one training forward keeps for the backward (``memory.saved_activation_bytes``), and the
+    loss and LoRA gradients of a step."""
+    kept = memory.saved_activation_bytes(model, ids)
+    loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ import torch
 from .. import memory
 from .profiling import gpu_busy_ms
 from .results import GIB, provenance
-from .step import Point, _allocated, _free, _sync, train_step
+from .step import Point, _allocated, _free, _sync, median_step_s, train_step
 from .suite import SETUPS, adapter_dtype, build, save_random_model
 
 COMPILED = ("eager", "compile", "cudagraphs")
@@ -229,14 +229,7 @@ def time_round(p: Prepared, k: int, steps: int, device, round_times: list, round
     """Round ``k`` of one setup: the median of ``steps`` wall-clock steps into ``round_times``, then
     (if ``profile_steps``) the GPU-busy time of that many more into ``round_gpu``."""
     try:
-        per_step = []
-        for _ in range(steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            p.step()
-            _sync(device)
-            per_step.append(time.perf_counter() - t0)
-        round_times.append(statistics.median(per_step))
+        round_times.append(median_step_s(p.step, steps, device))
         if profile_steps:
             round_gpu.append(gpu_busy_ms(p.step, profile_steps, device))
     except Exception as exc:

@@ -3,6 +3,8 @@ GPU around a timed step, free what is no longer referenced, read what is allocat
 from __future__ import annotations
 
 import gc
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -45,3 +47,15 @@ def _sync(device: torch.device) -> None:
 
 def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def median_step_s(step, steps: int, device: torch.device) -> float:
+    """The median wall-clock seconds of ``steps`` calls of ``step()``, the device synchronised around each."""
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

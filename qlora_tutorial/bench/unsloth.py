@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .results import GIB
-from .step import _free, _sync, train_step
+from .step import _allocated, _free, _sync, median_step_s, train_step
 from .suite import TARGETS, save_random_model
 
 R, ALPHA = 16, 32
@@ -71,20 +71,9 @@ def timed(step, steps: int, profile_steps: int) -> tuple[float, float | None, di
     and that time by kind of kernel."""
     from .profiling import gpu_busy_ms
 
-    times = []
-    for _ in range(steps):
-        _sync(DEVICE)
-        t0 = time.perf_counter()
-        step()
-        _sync(DEVICE)
-        times.append((time.perf_counter() - t0) * 1000)
+    wall = median_step_s(step, steps, DEVICE) * 1000
     busy, kinds = gpu_busy_ms(step, profile_steps, DEVICE, by_kind=True) if profile_steps else (None, None)
-    return statistics.median(times), busy, kinds
-
-
-def allocated() -> int | None:
-    """Bytes allocated on the GPU now (None on a CPU)."""
-    return torch.cuda.memory_allocated() if DEVICE.type == "cuda" else None
+    return wall, busy, kinds
 
 
 def run_setups(setups, model_name, rounds, steps, warmup, emit, model_bytes=None):
@@ -103,7 +92,7 @@ def run_setups(setups, model_name, rounds, steps, warmup, emit, model_bytes=None
                 _free(DEVICE)
                 left = 0
                 if DEVICE.type == "cuda":
-                    left = max(0, allocated() - model_bytes) if model_bytes is not None else 0
+                    left = max(0, _allocated(DEVICE) - model_bytes) if model_bytes is not None else 0
                     torch.cuda.reset_peak_memory_stats()
                 step, cleanup = prepare()
                 for _ in range(warmup):
@@ -158,7 +147,7 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
     model.config.use_cache = False
     quantize_model(model, TARGETS, ALPHA, R, compute_dtype=torch.bfloat16)
     model.train()
-    model_bytes = allocated()
+    model_bytes = _allocated(DEVICE)
     compiled = []  # the memory budget the layers are compiled with, once they are
 
     def setup(shape, ckpt, fusions):
@@ -218,7 +207,7 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
 
         peft_model = build("qlora", "peft", Path(folder), DEVICE, torch.bfloat16, r=R, alpha=ALPHA)
         peft_model.train()
-        peft_bytes = allocated()
+        peft_bytes = _allocated(DEVICE)
 
         def peft_setup(shape, ckpt):
             def prepare():
@@ -247,7 +236,7 @@ def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit
                                                  lora_dropout=0, bias="none", random_state=0,
                                                  use_gradient_checkpointing="unsloth" if ckpt else False)
         FastLanguageModel.for_training(model)
-        model_bytes = allocated()
+        model_bytes = _allocated(DEVICE)
 
         def setup(shape, m=model):
             def prepare():
