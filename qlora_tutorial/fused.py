@@ -37,7 +37,8 @@ from .train import IGNORE_INDEX  # the label of "no loss here" (padding, the pro
 # why a step with offloaded activations cannot be recorded (fast.CapturedStep raises it, fast.FastTrainer falls back)
 OFFLOAD_NOT_RECORDABLE = ("the model offloads its activations to the host (fused.fuse(offload=True)), which a CUDA "
                           "graph cannot record")
-DEFAULT_CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk: 256 MiB (2,097 tokens of a 32,000 vocabulary)
+DEFAULT_CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk: 64 MiB (512 tokens of a 32,000 vocabulary)
+TILE_TOKENS = 128  # a chunk of at least this many tokens is cut to a multiple of it: whole tiles of a GPU matmul
 
 
 # ------------------------------------------------------------------ the head and the loss, in chunks
@@ -98,8 +99,10 @@ class ChunkedLMLoss(torch.autograd.Function):
 
 
 def chunk_tokens_for(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """How many tokens' float32 logits fit in ``chunk_bytes``."""
-    return max(1, chunk_bytes // (4 * vocab_size))
+    """How many tokens' float32 logits fit in ``chunk_bytes``: a multiple of ``TILE_TOKENS`` where at
+    least that many fit (a GPU multiplies in tiles of rows, and a part-filled tile costs a whole one)."""
+    tokens = chunk_bytes // (4 * vocab_size)
+    return max(1, tokens - tokens % TILE_TOKENS if tokens >= TILE_TOKENS else tokens)
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

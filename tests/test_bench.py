@@ -392,6 +392,11 @@ def test_the_unsloth_bench_runs_our_setups_and_peft_on_a_cpu(tmp_path, monkeypat
     assert (folder / "tokenizer.json").is_file() and (folder / "model.safetensors").is_file()
     out = []
     unsloth.child_ours(folder, "tiny", unsloth.SHAPES["tiny"], [False, True], rounds=2, steps=1, warmup=1, emit=out.append)
+    first = len(unsloth.CHUNK_MIBS)  # the chunked loss alone comes first, a row per chunk size
+    losses, out = [r["loss_chunk"] for r in out[:first]], out[first:]
+    assert [r["chunk_mib"] for r in losses] == list(unsloth.CHUNK_MIBS)
+    reference = losses[0]["loss"]  # transformers' loss
+    assert all(abs(r["loss"] - reference) <= 1e-2 * abs(reference) for r in losses)  # bf16 logits
     rows = {(r["grad_ckpt"], r["implementation"], tuple(r["fusions"])) for r in out if "failure" not in r}
     assert rows == {(False, "ours", ()), (False, "ours", ("chunked_loss",)), (True, "ours", ()),
                     (True, "ours", ("chunked_loss",)), (True, "ours", unsloth.OFFLOADED),
@@ -401,6 +406,11 @@ def test_the_unsloth_bench_runs_our_setups_and_peft_on_a_cpu(tmp_path, monkeypat
     assert len(failures) == 2 * 5 and all("needs a CUDA GPU" in f["error"] for f in failures)
     assert sum(unsloth.BUDGETED[-1] in f["failure"] for f in failures) == 2
     assert all(len(r["wall_ms_rounds"]) == 2 and r["peak_gib"] is None for r in out if "failure" not in r)
+    only = []  # --setups: only the setups named
+    unsloth.child_ours(folder, "tiny", [(1, 8)], [True], rounds=1, steps=1, warmup=1, emit=only.append,
+                       only={unsloth.label(unsloth.OFFLOADED)}, loss_chunks=False)
+    assert [(r["shape"], r["grad_ckpt"], r["implementation"], tuple(r["fusions"])) for r in only] == \
+        [("1x8", True, "ours", unsloth.OFFLOADED)]
 
 
 def test_the_unsloth_bench_imports_no_transformers_before_unsloth():
@@ -428,6 +438,13 @@ def test_unsloth_targets_take_our_smallest_step_with_checkpointing():
     assert [t["ok"] for t in unsloth.unsloth_targets(result)] == [False, True, True]
     result["rows"].append(row(True, "ours", unsloth.BUDGETED, 43, 41, 1.6))  # smaller still: its peak counts
     assert unsloth.unsloth_targets(result)[1]["value"] == 0.8
+    model, shape, limit = unsloth.MOONSHOT  # the 8B at 1x8192: our smallest step with checkpointing, Unsloth or not
+    result["rows"] += [dict(row(True, "ours", f, 900, 800, peak), model=model, shape=shape)
+                       for f, peak in ((unsloth.RECORDED, limit + 3), (unsloth.COMPILED_OFFLOADED, limit - 1))]
+    moonshot = unsloth.unsloth_targets(result)[-1]
+    assert (moonshot["value"], moonshot["ok"]) == (limit - 1, True) and shape in moonshot["target"]
+    result["rows"][-1]["peak_gib"] = limit
+    assert not unsloth.unsloth_targets(result)[-1]["ok"]
 
 
 def test_kernels_are_told_apart_by_their_names():

@@ -190,8 +190,10 @@ def test_mismatched_labels_are_refused():
 
 
 def test_chunk_size_from_bytes():
-    assert fused.chunk_tokens_for(32000) == 2097  # 256 MiB of float32 logits
-    assert fused.chunk_tokens_for(128256) == 523
+    assert fused.chunk_tokens_for(32000) == 512  # 64 MiB of float32 logits: 524 tokens, cut to whole tiles
+    assert fused.chunk_tokens_for(128256) == 128  # 130
+    assert fused.chunk_tokens_for(32000, 256 * 2**20) == 2048  # 2,097
+    assert fused.chunk_tokens_for(32000, 100 * 4 * 32000) == 100  # fewer than a tile: as many as fit
     assert fused.chunk_tokens_for(10**12) == 1
 
 

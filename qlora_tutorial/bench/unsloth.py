@@ -87,7 +87,7 @@ def run_setups(setups, model_name, rounds, steps, warmup, emit, model_bytes=None
     results = {i: {"wall": [], "gpu": [], "peak": [], "left": [], "kinds": None} for i in range(len(setups))}
     for k in range(rounds):
         for i, (shape, ckpt, impl, fusions, prepare) in enumerate(setups):
-            label = f"{model_name} {shape[0]}x{shape[1]} ckpt={ckpt} {impl} {'+'.join(fusions) or 'none'}"
+            name = f"{model_name} {shape[0]}x{shape[1]} ckpt={ckpt} {impl} {label(fusions)}"
             try:
                 _free(DEVICE)
                 left = 0
@@ -106,7 +106,7 @@ def run_setups(setups, model_name, rounds, steps, warmup, emit, model_bytes=None
                 step = cleanup = loss = None  # a recorded step's memory pool goes with it, before the next setup
             except Exception as exc:  # recorded, and the other setups go on
                 step = cleanup = loss = None
-                emit({"failure": label, "round": k, "error": f"{type(exc).__name__}: {exc}"[:800]})
+                emit({"failure": name, "round": k, "error": f"{type(exc).__name__}: {exc}"[:800]})
                 _free(DEVICE)
                 continue
             r = results[i]
@@ -117,7 +117,7 @@ def run_setups(setups, model_name, rounds, steps, warmup, emit, model_bytes=None
             if busy is not None:
                 r["gpu"].append(busy)
                 r["kinds"] = r["kinds"] or {kind: round(ms, 2) for kind, ms in kinds.items()}
-            print(f"[{label}] round {k}: {wall:.1f} ms wall, {busy or float('nan'):.1f} ms GPU, {peak or 0:.2f} GiB",
+            print(f"[{name}] round {k}: {wall:.1f} ms wall, {busy or float('nan'):.1f} ms GPU, {peak or 0:.2f} GiB",
                   file=sys.stderr, flush=True)
     for i, (shape, ckpt, impl, fusions, _) in enumerate(setups):
         r = results[i]
@@ -131,11 +131,69 @@ def run_setups(setups, model_name, rounds, steps, warmup, emit, model_bytes=None
               # the first round's peak, less what earlier setups left allocated (``leftover_gib_rounds``)
               "peak_gib": round(r["peak"][0], 3) if r["peak"] else None,
               "peak_gib_rounds": [round(p, 3) for p in r["peak"]],
-              "leftover_gib_rounds": [round(g, 3) for g in r["left"]]})
+              "leftover_gib_rounds": [round(g, 3) for g in r["left"]],
+              # what the process held once the model was built: weights, quantization state, adapters
+              "model_gib": round(model_bytes / GIB, 3) if model_bytes is not None else None})
+
+
+# ------------------------------------------------------------------ the chunked loss alone, chunk by chunk
+CHUNK_MIBS = (None, 256, 128, 64, 32)  # None: transformers' loss, all the logits at once
+
+
+def loss_chunk_rows(model_name, config, shapes, steps, emit, chunk_mibs=CHUNK_MIBS):
+    """The head and the loss alone, forward and backward, on random hidden states of each shape's
+    tokens, with ``model_name``'s hidden size and vocabulary (bf16, a frozen head): transformers'
+    ``ForCausalLMLoss`` (``chunk_mib`` None), then ``fused.causal_lm_loss`` with each chunk size.
+    A row gives the loss, the GPU-busy and wall-clock ms, and the peak memory above the inputs."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from ..fused import causal_lm_loss, chunk_tokens_for
+
+    g = torch.Generator(DEVICE).manual_seed(0)
+    weight = torch.randn(config.vocab_size, config.hidden_size, device=DEVICE, dtype=torch.bfloat16,
+                         generator=g) * 0.02
+    for batch, seq in shapes:
+        hidden = torch.randn(batch, seq, config.hidden_size, device=DEVICE, dtype=torch.bfloat16, generator=g)
+        labels = torch.randint(0, config.vocab_size, (batch, seq), device=DEVICE, generator=g)
+        for mib in chunk_mibs:
+            tokens = None if mib is None else chunk_tokens_for(config.vocab_size, mib * 2**20)
+            h = hidden.detach().requires_grad_()
+
+            def step():
+                h.grad = None
+                if tokens is None:
+                    loss = ForCausalLMLoss(h @ weight.t(), labels, config.vocab_size)
+                else:
+                    loss = causal_lm_loss(h, weight, labels, chunk_tokens=tokens)
+                loss.backward()
+                return loss
+            _free(DEVICE)
+            step()  # warm-up
+            before = _allocated(DEVICE) if DEVICE.type == "cuda" else None
+            if before is not None:
+                torch.cuda.reset_peak_memory_stats()
+            wall, busy, _ = timed(step, steps, 3)
+            peak = (torch.cuda.max_memory_allocated() - before) / GIB if before is not None else None
+            emit({"loss_chunk": {"model": model_name, "shape": f"{batch}x{seq}", "vocab": config.vocab_size,
+                                 "chunk_mib": mib, "chunk_tokens": tokens, "loss": float(step().detach()),
+                                 "wall_ms": round(wall, 3),
+                                 "gpu_ms": None if busy is None else round(busy, 3),
+                                 "peak_gib": None if peak is None else round(peak, 4)}})
+        h = hidden = labels = None
+    weight = None
+    _free(DEVICE)
 
 
 # ------------------------------------------------------------------ the implementations, each in its own process
-def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, with_peft=True):
+def label(fusions) -> str:
+    """A setup's name on the command line (``--setups``): its fusions joined by "+", "none" for none."""
+    return "+".join(fusions) or "none"
+
+
+def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, only=None, loss_chunks=True):
+    """Our setups, then PEFT's, on one model. ``only``: the names (``label``) of the setups to run,
+    "peft" among them for PEFT's; every setup where None. ``loss_chunks``: first the chunked loss on
+    its own (``loss_chunk_rows``)."""
     from transformers import AutoModelForCausalLM
 
     from .. import fast, fused
@@ -147,6 +205,8 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
     model.config.use_cache = False
     quantize_model(model, TARGETS, ALPHA, R, compute_dtype=torch.bfloat16)
     model.train()
+    if loss_chunks:
+        loss_chunk_rows(model_name, model.config, shapes, steps, emit)
     model_bytes = _allocated(DEVICE)
     compiled = []  # the memory budget the layers are compiled with, once they are
 
@@ -191,7 +251,8 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
             else:
                 choices.append(BUDGETED)
             for fusions in choices:
-                setups.append((shape, ckpt, "ours", fusions, setup(shape, ckpt, fusions)))
+                if only is None or label(fusions) in only:
+                    setups.append((shape, ckpt, "ours", fusions, setup(shape, ckpt, fusions)))
     # the eager setups first, in rounds of their own: compiling the layers for the graphs changes every
     # later step of this model
     run_setups([s for s in setups if not {"graph", "compile"} & set(s[3])], model_name, rounds, steps, warmup, emit,
@@ -202,7 +263,7 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, w
     model = None  # the closures above hold it through this name
     torch._dynamo.reset()
     _free(DEVICE)
-    if with_peft:
+    if only is None or "peft" in only:
         from .suite import build
 
         peft_model = build("qlora", "peft", Path(folder), DEVICE, torch.bfloat16, r=R, alpha=ALPHA)
@@ -255,6 +316,7 @@ RECORDED = ("graph", "chunked_loss")  # our fastest step
 OFFLOADED = ("chunked_loss", "offload")  # our smallest eager step with checkpointing
 COMPILED_OFFLOADED = ("compile", "chunked_loss", "offload")  # the same with compiled layers
 BUDGETED = ("graph", "chunked_loss", "budget")  # our smallest recorded step without checkpointing
+MOONSHOT = ("llama3-8b", "1x8192", 15.0)  # the 8B architecture at 1x8192, checkpointing: under a T4's 15 GiB
 
 
 def setup_rows(result: dict) -> dict[tuple, dict]:
@@ -266,8 +328,9 @@ def unsloth_targets(result: dict) -> list[dict]:
     """The targets of the fusion work, checked on one run's rows, at every model, shape and
     checkpointing setting it has: our recorded step's GPU-busy time at most 0.85 of Unsloth's; our
     peak memory at most Unsloth's (the smallest of our recorded step, the recorded step compiled with
-    a memory budget, and the offloaded steps, eager or with compiled layers, where the run has them); our recorded step's wall-clock
-    at most 1.10 times its own GPU-busy time."""
+    a memory budget, and the offloaded steps, eager or with compiled layers, where the run has them);
+    our recorded step's wall-clock at most 1.10 times its own GPU-busy time; and where the run has it, ``MOONSHOT``: our smallest
+    step with checkpointing of the 8B architecture at 1x8192 in under 15 GiB."""
     rows = setup_rows(result)
     out = []
     for (model, shape, ckpt, impl, fusions), theirs in sorted(rows.items()):
@@ -283,6 +346,12 @@ def unsloth_targets(result: dict) -> list[dict]:
                                    (f"{where}: peak memory, ours / Unsloth", smallest["peak_gib"] / theirs["peak_gib"], 1.0),
                                    (f"{where}: our wall-clock / our GPU-busy", ours["wall_ms"] / ours["gpu_ms"], 1.10)):
             out.append({"target": name, "value": round(value, 3), "limit": limit, "ok": value <= limit})
+    model, shape, limit = MOONSHOT
+    ours = [r for (m, s, ckpt, impl, _), r in rows.items() if (m, s, ckpt, impl) == (model, shape, True, "ours")]
+    if ours:
+        value = min(r["peak_gib"] for r in ours)
+        out.append({"target": f"{model} {shape} with checkpointing: our smallest peak, GiB", "value": round(value, 3),
+                    "limit": limit, "ok": value < limit})
     return out
 
 
@@ -292,6 +361,11 @@ NOTES = {  # what a record's provenance says of how it was measured
                  "another, for each model",
     "peak_gib": "the first round's peak allocated memory, weights included, less what earlier setups in the same "
                 "process left allocated when the setup started (leftover_gib_rounds)",
+    "model_gib": "what the process held once the model was built (weights, quantization state, adapters), before "
+                 "any step",
+    "loss_chunks": "the head and the loss alone (loss_chunk_rows), forward and backward on random hidden states of "
+                   "each shape's tokens: transformers' ForCausalLMLoss (chunk_mib null), then the chunked loss; "
+                   "peak_gib is the peak above the inputs",
     "gpu_ms": "the profiler's kernel time per step over 3 steps of the first round; gpu_ms_by_kind splits it by "
               "kernel name (profiling.kernel_kind)",
 }
@@ -309,6 +383,9 @@ def main(argv=None) -> int:
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--ckpts", default="0,1")
+    parser.add_argument("--shapes", help="batch x sequence for every model instead of SHAPES', e.g. 1x8192")
+    parser.add_argument("--setups", help="only these of our setups (fusions joined by +, none, peft), e.g. "
+                                         "chunked_loss+offload,peft")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one implementation's process may take")
     parser.add_argument("--append", action="store_true",
                         help="add this run's rows to --json's (a run on the same device), its command to the commands")
@@ -317,8 +394,11 @@ def main(argv=None) -> int:
     if args.child:
         def emit(row):
             print("ROW " + json.dumps(row), flush=True)
+        shapes = SHAPES[args.model] if not args.shapes else \
+            [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+        extra = {} if args.child == "unsloth" else {"only": args.setups and set(args.setups.split(","))}
         run = child_unsloth if args.child == "unsloth" else child_ours
-        run(Path(args.folder), args.model, SHAPES[args.model], ckpts, args.rounds, args.steps, args.warmup, emit)
+        run(Path(args.folder), args.model, shapes, ckpts, args.rounds, args.steps, args.warmup, emit, **extra)
         return 0
     from .results import provenance, shown_command
 
@@ -326,7 +406,7 @@ def main(argv=None) -> int:
     from ..device import versions
 
     record = {"provenance": {**provenance(DEVICE, command), "versions": versions(extra=("triton", "unsloth", "unsloth_zoo"))},
-              "rows": [], "failures": [], "seconds": {}}
+              "rows": [], "loss_chunks": [], "failures": [], "seconds": {}}
     record["provenance"]["commands"] = [record["provenance"].pop("command")]
     record["provenance"].update(NOTES)
     out = Path(args.json)
@@ -342,12 +422,13 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             t0 = time.perf_counter()
             folder = save_model(name, Path(tmp) / name)
-            record["seconds"][f"{name} save"] = round(time.perf_counter() - t0, 1)
+            record["seconds"][f"{name} save" + (f" ({args.shapes})" if args.shapes else "")] = round(time.perf_counter() - t0, 1)
             for impl in args.implementations.split(","):
                 t0 = time.perf_counter()
                 cmd = [sys.executable, "-m", "qlora_tutorial.bench.unsloth", "--child", impl, "--folder", str(folder),
                        "--model", name, "--rounds", str(args.rounds), "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--ckpts", args.ckpts, "--json", "-"]
+                cmd += [f"--{key}={value}" for key, value in (("shapes", args.shapes), ("setups", args.setups)) if value]
                 try:
                     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
                     stdout, rc, log = done.stdout, done.returncode, done.stderr
@@ -360,10 +441,13 @@ def main(argv=None) -> int:
                 for line in stdout.splitlines():
                     if line.startswith("ROW "):
                         row = json.loads(line[4:])
-                        (record["failures"] if "failure" in row else record["rows"]).append(row)
+                        if "loss_chunk" in row:
+                            record.setdefault("loss_chunks", []).append(row["loss_chunk"])
+                        else:
+                            (record["failures"] if "failure" in row else record["rows"]).append(row)
                 if rc != 0:
                     record["failures"].append({"failure": f"{name} {impl}", "rc": rc, "error": tail[-1500:]})
-                record["seconds"][f"{name} {impl}"] = round(time.perf_counter() - t0, 1)
+                record["seconds"][f"{name} {impl}" + (f" ({args.shapes})" if args.shapes else "")] = round(time.perf_counter() - t0, 1)
                 out.write_text(json.dumps(record, indent=1) + "\n")
             _free(DEVICE)
     return 0
