@@ -382,9 +382,9 @@ def test_speed_run_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_the_unsloth_bench_runs_our_setups_and_peft_on_a_cpu(tmp_path, monkeypatch):
-    """Every setup of our process of bench.unsloth, on a small Llama on the CPU: the eager ones (with
-    compiled layers or not) train and give rows; the recorded ones need CUDA and are recorded as
-    failures, with the reason."""
+    """Every setup of our process and PEFT's of bench.unsloth, on a small Llama on the CPU: the eager
+    ones (with compiled layers or not) train and give rows; the recorded ones need CUDA and are
+    recorded as failures, with the reason."""
     from qlora_tutorial.bench import unsloth
 
     monkeypatch.setattr(unsloth, "DEVICE", torch.device("cpu"))
@@ -397,6 +397,7 @@ def test_the_unsloth_bench_runs_our_setups_and_peft_on_a_cpu(tmp_path, monkeypat
     assert [r["chunk_mib"] for r in losses] == list(unsloth.CHUNK_MIBS)
     reference = losses[0]["loss"]  # transformers' loss
     assert all(abs(r["loss"] - reference) <= 1e-2 * abs(reference) for r in losses)  # bf16 logits
+    unsloth.child_peft(folder, "tiny", unsloth.SHAPES["tiny"], [False, True], rounds=2, steps=1, warmup=1, emit=out.append)
     rows = {(r["grad_ckpt"], r["implementation"], tuple(r["fusions"])) for r in out if "failure" not in r}
     assert rows == {(False, "ours", ()), (False, "ours", ("chunked_loss",)), (True, "ours", ()),
                     (True, "ours", ("chunked_loss",)), (True, "ours", unsloth.OFFLOADED),

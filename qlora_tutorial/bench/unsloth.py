@@ -191,9 +191,8 @@ def label(fusions) -> str:
 
 
 def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, only=None, loss_chunks=True):
-    """Our setups, then PEFT's, on one model. ``only``: the names (``label``) of the setups to run,
-    "peft" among them for PEFT's; every setup where None. ``loss_chunks``: first the chunked loss on
-    its own (``loss_chunk_rows``)."""
+    """Our setups on one model. ``only``: the names (``label``) of the setups to run; every setup where
+    None. ``loss_chunks``: first the chunked loss on its own (``loss_chunk_rows``)."""
     from transformers import AutoModelForCausalLM
 
     from .. import fast, fused
@@ -260,26 +259,29 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, o
     for budgeted in (False, True):  # compiled with one budget, then with the other
         run_setups([s for s in setups if {"graph", "compile"} & set(s[3]) and ("budget" in s[3]) == budgeted],
                    model_name, rounds, steps, warmup, emit, model_bytes)
-    model = None  # the closures above hold it through this name
-    torch._dynamo.reset()
-    _free(DEVICE)
-    if only is None or "peft" in only:
-        from .suite import build
 
-        peft_model = build("qlora", "peft", Path(folder), DEVICE, torch.bfloat16, r=R, alpha=ALPHA)
-        peft_model.train()
-        peft_bytes = _allocated(DEVICE)
 
-        def peft_setup(shape, ckpt):
-            def prepare():
-                set_checkpointing(peft_model, ckpt)
-                ids = torch.randint(0, peft_model.config.vocab_size, shape, device=DEVICE,
-                                    generator=torch.Generator(DEVICE).manual_seed(0))
-                optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
-                return (lambda: train_step(peft_model, optimizer, ids)), lambda: None
-            return prepare
-        run_setups([(shape, ckpt, "peft", (), peft_setup(shape, ckpt)) for shape in shapes for ckpt in ckpts],
-                   model_name, rounds, steps, warmup, emit, peft_bytes)
+def child_peft(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit):
+    """PEFT's QLoRA (``suite.build("qlora", "peft")``: bitsandbytes' NF4 with double quantization, float32
+    adapters) in a process of its own: what another implementation leaves allocated would otherwise
+    count in its peaks."""
+    from ..train import set_checkpointing
+    from .suite import build
+
+    model = build("qlora", "peft", Path(folder), DEVICE, torch.bfloat16, r=R, alpha=ALPHA)
+    model.train()
+    model_bytes = _allocated(DEVICE)
+
+    def setup(shape, ckpt):
+        def prepare():
+            set_checkpointing(model, ckpt)
+            ids = torch.randint(0, model.config.vocab_size, shape, device=DEVICE,
+                                generator=torch.Generator(DEVICE).manual_seed(0))
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            return (lambda: train_step(model, optimizer, ids)), lambda: None
+        return prepare
+    run_setups([(shape, ckpt, "peft", (), setup(shape, ckpt)) for shape in shapes for ckpt in ckpts],
+               model_name, rounds, steps, warmup, emit, model_bytes)
 
 
 def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit):
@@ -307,7 +309,7 @@ def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit
             return prepare
         run_setups([(shape, ckpt, "unsloth", (), setup(shape)) for shape in shapes], model_name, rounds, steps,
                    warmup, emit, model_bytes)
-        del model
+        model = setup = None  # setup's default argument holds the model too: both go before the next is built
         _free(DEVICE)
 
 
@@ -357,8 +359,8 @@ def unsloth_targets(result: dict) -> list[dict]:
 
 # ------------------------------------------------------------------ the parent
 NOTES = {  # what a record's provenance says of how it was measured
-    "processes": "Unsloth in a process of its own (it must be imported before transformers); ours and PEFT's in "
-                 "another, for each model",
+    "processes": "each implementation in a process of its own, for each model (Unsloth must be imported before "
+                 "transformers; and a process holds only its own memory)",
     "peak_gib": "the first round's peak allocated memory, weights included, less what earlier setups in the same "
                 "process left allocated when the setup started (leftover_gib_rounds)",
     "model_gib": "what the process held once the model was built (weights, quantization state, adapters), before "
@@ -374,7 +376,7 @@ NOTES = {  # what a record's provenance says of how it was measured
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tinyllama,llama3-8b")
-    parser.add_argument("--implementations", default="unsloth,ours")
+    parser.add_argument("--implementations", default="unsloth,ours,peft")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -384,8 +386,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--ckpts", default="0,1")
     parser.add_argument("--shapes", help="batch x sequence for every model instead of SHAPES', e.g. 1x8192")
-    parser.add_argument("--setups", help="only these of our setups (fusions joined by +, none, peft), e.g. "
-                                         "chunked_loss+offload,peft")
+    parser.add_argument("--setups", help="only these of our setups (fusions joined by +, or none), e.g. "
+                                         "chunked_loss+offload,none")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one implementation's process may take")
     parser.add_argument("--append", action="store_true",
                         help="add this run's rows to --json's (a run on the same device), its command to the commands")
@@ -396,8 +398,8 @@ def main(argv=None) -> int:
             print("ROW " + json.dumps(row), flush=True)
         shapes = SHAPES[args.model] if not args.shapes else \
             [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
-        extra = {} if args.child == "unsloth" else {"only": args.setups and set(args.setups.split(","))}
-        run = child_unsloth if args.child == "unsloth" else child_ours
+        extra = {"only": args.setups and set(args.setups.split(","))} if args.child == "ours" else {}
+        run = {"unsloth": child_unsloth, "ours": child_ours, "peft": child_peft}[args.child]
         run(Path(args.folder), args.model, shapes, ckpts, args.rounds, args.steps, args.warmup, emit, **extra)
         return 0
     from .results import provenance, shown_command
@@ -442,7 +444,10 @@ def main(argv=None) -> int:
                     if line.startswith("ROW "):
                         row = json.loads(line[4:])
                         if "loss_chunk" in row:
-                            record.setdefault("loss_chunks", []).append(row["loss_chunk"])
+                            row = row["loss_chunk"]
+                        row["command"] = len(record["provenance"]["commands"]) - 1  # which command measured it
+                        if "chunk_mib" in row:
+                            record.setdefault("loss_chunks", []).append(row)
                         else:
                             (record["failures"] if "failure" in row else record["rows"]).append(row)
                 if rc != 0:
