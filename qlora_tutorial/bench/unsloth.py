@@ -331,8 +331,8 @@ def unsloth_targets(result: dict) -> list[dict]:
     checkpointing setting it has: our recorded step's GPU-busy time at most 0.85 of Unsloth's; our
     peak memory at most Unsloth's (the smallest of our recorded step, the recorded step compiled with
     a memory budget, and the offloaded steps, eager or with compiled layers, where the run has them);
-    our recorded step's wall-clock at most 1.10 times its own GPU-busy time; and where the run has it, ``MOONSHOT``: our smallest
-    step with checkpointing of the 8B architecture at 1x8192 in under 15 GiB."""
+    our recorded step's wall-clock at most 1.10 times its own GPU-busy time; and where the run has it,
+    ``MOONSHOT``: our smallest step with checkpointing of the 8B architecture at 1x8192 in under 15 GiB."""
     rows = setup_rows(result)
     out = []
     for (model, shape, ckpt, impl, fusions), theirs in sorted(rows.items()):
@@ -424,7 +424,8 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             t0 = time.perf_counter()
             folder = save_model(name, Path(tmp) / name)
-            record["seconds"][f"{name} save" + (f" ({args.shapes})" if args.shapes else "")] = round(time.perf_counter() - t0, 1)
+            at = f" ({args.shapes})" if args.shapes else ""
+            record["seconds"][f"{name} save{at}"] = round(time.perf_counter() - t0, 1)
             for impl in args.implementations.split(","):
                 t0 = time.perf_counter()
                 cmd = [sys.executable, "-m", "qlora_tutorial.bench.unsloth", "--child", impl, "--folder", str(folder),
@@ -452,7 +453,7 @@ def main(argv=None) -> int:
                             (record["failures"] if "failure" in row else record["rows"]).append(row)
                 if rc != 0:
                     record["failures"].append({"failure": f"{name} {impl}", "rc": rc, "error": tail[-1500:]})
-                record["seconds"][f"{name} {impl}" + (f" ({args.shapes})" if args.shapes else "")] = round(time.perf_counter() - t0, 1)
+                record["seconds"][f"{name} {impl}{at}"] = round(time.perf_counter() - t0, 1)
                 out.write_text(json.dumps(record, indent=1) + "\n")
             _free(DEVICE)
     return 0
