@@ -15,6 +15,12 @@ Two pieces, each an option of ``fuse`` and each measured in chapter 13:
   layers (the final norm's input, the head's). Under this context they wait in pinned host memory
   instead, copied out asynchronously as the forward goes and back as the backward reaches them.
 
+* **SwiGLU that keeps two tensors** (``SwiGLU``). A Llama MLP computes ``down(silu(gate(x)) * up(x))``;
+  eager PyTorch keeps ``gate(x)`` for the SiLU's backward and both ``silu(gate(x))`` and ``up(x)`` for the
+  product's: three tensors of tokens x intermediate size per layer. ``SwiGLU`` keeps ``gate(x)`` and
+  ``up(x)`` and computes the SiLU again in the backward, and its backward writes one gradient into the
+  memory of ``up(x)``, which nothing needs after it.
+
 The fused and the unfused step compute the same loss and gradients (``tests/test_fused.py`` checks
 both against ``transformers``' own). Both pieces are plain PyTorch: they run on the CPU, and the
 chunked loss runs inside a recorded CUDA graph (``fast.CapturedStep``), where its chunks cost no
@@ -56,6 +62,11 @@ class ChunkedLMLoss(torch.autograd.Function):
     as ``transformers``' backward does. The backward only multiplies the stored gradients by the
     incoming one: the gradient with respect to the loss, a scalar (1 for a plain ``backward()``).
 
+    The softmax and the gradient are computed in place, in the float32 logits' memory, and a chunk's
+    tensors go before the next chunk's are made: what exists at once is one and a half chunks of
+    float32 logits (the product in the compute dtype while its float32 copy is made; later the float32
+    gradient while its copy in the compute dtype is made).
+
     A head that trains (``weight.requires_grad``) gets its gradient too, accumulated in float32 over
     the chunks: vocabulary x hidden float32 values held from the forward to the backward (2 GiB for
     Llama-3-8B's head). In a recorded CUDA graph, give ``divisor`` as a tensor already on the GPU.
@@ -73,20 +84,26 @@ class ChunkedLMLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             h = hidden[start:start + chunk_tokens]
             t = targets[start:start + chunk_tokens]
-            logits = (h @ weight.t()).float()
+            logits = (h @ weight.t()).float()  # the chunk's bf16 product and its float32 copy: 1.5 chunks
             valid = t != IGNORE_INDEX
             safe = torch.where(valid, t, 0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=1)
-            total += ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
-            # d loss / d logits = (softmax - one_hot) / divisor on the tokens that count, 0 elsewhere;
-            # computed in place in the logits' memory
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()
-            grad.scatter_add_(1, safe, torch.full_like(lse, -1.0).unsqueeze(1))
-            grad.mul_((valid.to(torch.float32) * inverse).unsqueeze(1))
-            grad = grad.to(hidden.dtype)
+            picked = logits.gather(1, safe).squeeze(1)  # the target's logit, before the softmax overwrites it
+            # the softmax in place, in the logits' memory: exp(logits - max) / sum
+            top = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            sums = probs.sum(dim=1, keepdim=True)
+            lse = (sums.log() + top).squeeze(1)  # log of the sum of exp(logits)
+            total += ((lse - picked) * valid).sum()
+            # d loss / d logits = (softmax - one_hot) / divisor on the tokens that count, 0 elsewhere
+            weight_of = valid.to(torch.float32) * inverse
+            probs.mul_((weight_of.unsqueeze(1) / sums))
+            probs.scatter_add_(1, safe, -weight_of.unsqueeze(1))
+            grad = probs.to(hidden.dtype)  # float32 and bf16 gradient: again 1.5 chunks
+            del logits, probs  # the float32 chunk goes before the next chunk's is made
             torch.matmul(grad, weight, out=grad_hidden[start:start + chunk_tokens])
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t().float(), h.float())
+            del grad
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / divisor.to(torch.float32)
 
@@ -127,6 +144,49 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         divisor = torch.as_tensor(num_items_in_batch, device=hidden.device)
     chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
     return ChunkedLMLoss.apply(flat, weight, targets.to(hidden.device), divisor, int(chunk))
+
+
+# ------------------------------------------------------------------ SwiGLU, keeping two tensors
+class SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up``, keeping ``gate`` and ``up`` for the backward and nothing else.
+
+    Eager PyTorch keeps three tensors of this shape: ``gate`` (the SiLU's input), ``silu(gate)`` and
+    ``up`` (the product's inputs). The backward here computes ``silu(gate)`` again, one element-wise
+    pass, and the same gradients to the bit: ``grad * silu(gate)`` for ``up``, and for ``gate`` the
+    SiLU's own backward of ``grad * up``, which it writes into ``up``'s memory. So it can run once: a
+    second backward through the same graph (``retain_graph=True``) is refused.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        ctx.spent = False
+        return nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.spent:
+            raise RuntimeError("fused.SwiGLU: its backward reuses the memory of what it saved and cannot run twice "
+                               "(retain_graph=True); use fuse(model, swiglu=False) to backpropagate twice")
+        ctx.spent = True
+        gate, up = ctx.saved_tensors
+        grad_up = grad * nn.functional.silu(gate)
+        grad_gate = torch.ops.aten.silu_backward(up.mul_(grad), gate)
+        return grad_gate, grad_up
+
+
+def swiglu_mlps(model: nn.Module) -> list[nn.Module]:
+    """The MLPs of ``model`` that ``SwiGLU`` computes: modules with ``gate_proj``, ``up_proj``,
+    ``down_proj`` and a SiLU ``act_fn`` (Llama's, Mistral's, Qwen's)."""
+    from transformers.activations import SiLUActivation
+
+    return [m for m in model.modules()
+            if all(hasattr(m, name) for name in ("gate_proj", "up_proj", "down_proj"))
+            and type(getattr(m, "act_fn", None)) in (nn.SiLU, SiLUActivation)]
+
+
+def _swiglu_forward(mlp, x):
+    return mlp.down_proj(SwiGLU.apply(mlp.gate_proj(x), mlp.up_proj(x)))
 
 
 # ------------------------------------------------------------------ activations on the host
@@ -172,19 +232,25 @@ def causal_lm(model: nn.Module) -> nn.Module:
                      "nn.Linear .lm_head): fuse works on transformers' ...ForCausalLM models")
 
 
-def fuse(model: nn.Module, chunked_loss: bool = True, offload: bool = False,
+def fuse(model: nn.Module, chunked_loss: bool = True, offload: bool = False, swiglu: bool = False,
          chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> nn.Module:
     """Switch the fusions on for ``model`` (in place; returns it). ``unfuse`` switches them off.
 
     ``chunked_loss``: with ``labels``, the forward returns the loss of ``causal_lm_loss`` and no logits
     (``logits`` is None); without labels it is the model's own forward. ``offload``: the forward runs
     under ``offloaded_activations`` (meant for use with activation checkpointing; not in a recorded
-    CUDA graph). Models whose head is more than a matrix (a bias, a logit scale or soft-capping) are
-    refused: the chunked loss computes ``hidden @ weight.T`` and nothing else.
+    CUDA graph). ``swiglu``: every MLP of ``swiglu_mlps`` computes its product with ``SwiGLU``.
+    Models whose head is more than a matrix (a bias, a logit scale or soft-capping) are refused: the
+    chunked loss computes ``hidden @ weight.T`` and nothing else.
     """
-    if not (chunked_loss or offload):
-        raise ValueError("fuse with chunked_loss=False and offload=False would change nothing; call unfuse instead")
+    if not (chunked_loss or offload or swiglu):
+        raise ValueError("fuse with chunked_loss=False, offload=False and swiglu=False would change nothing; "
+                         "call unfuse instead")
     lm = causal_lm(model)
+    mlps = swiglu_mlps(lm) if swiglu else []
+    if swiglu and not mlps:
+        raise ValueError(f"fuse(swiglu=True): {type(lm).__name__} has no MLP with gate_proj, up_proj, down_proj and "
+                         "a SiLU act_fn; use swiglu=False")
     config = getattr(lm, "config", None)
     if chunked_loss:
         odd = [name for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -214,8 +280,11 @@ def fuse(model: nn.Module, chunked_loss: bool = True, offload: bool = False,
             return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                           attentions=outputs.attentions)
 
+    unfuse(model)
     lm.forward = forward
-    lm._qlora_fused = {"chunked_loss": chunked_loss, "offload": offload, "chunk_tokens": tokens}
+    for mlp in mlps:
+        mlp.forward = functools.partial(_swiglu_forward, mlp)
+    lm._qlora_fused = {"chunked_loss": chunked_loss, "offload": offload, "swiglu": swiglu, "chunk_tokens": tokens}
     return model
 
 
@@ -224,7 +293,9 @@ def unfuse(model: nn.Module) -> nn.Module:
     lm = causal_lm(model)
     if "forward" in vars(lm):
         del lm.forward
-    vars(lm).pop("_qlora_fused", None)
+    if vars(lm).pop("_qlora_fused", {}).get("swiglu"):
+        for mlp in swiglu_mlps(lm):
+            vars(mlp).pop("forward", None)
     return model
 
 

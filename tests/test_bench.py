@@ -401,6 +401,8 @@ def test_the_unsloth_bench_runs_our_setups_and_peft_on_a_cpu(tmp_path, monkeypat
     rows = {(r["grad_ckpt"], r["implementation"], tuple(r["fusions"])) for r in out if "failure" not in r}
     assert rows == {(False, "ours", ()), (False, "ours", ("chunked_loss",)), (True, "ours", ()),
                     (True, "ours", ("chunked_loss",)), (True, "ours", unsloth.OFFLOADED),
+                    (False, "ours", ("chunked_loss", "swiglu")), (True, "ours", ("chunked_loss", "swiglu")),
+                    (True, "ours", unsloth.SWIGLU_OFFLOADED),
                     (True, "ours", unsloth.COMPILED_OFFLOADED), (False, "peft", ()), (True, "peft", ())}
     failures = [r for r in out if "failure" in r]
     # 5 recorded setups (graph, graph + chunked loss, with and without checkpointing; + budget without) x 2 rounds
@@ -412,6 +414,36 @@ def test_the_unsloth_bench_runs_our_setups_and_peft_on_a_cpu(tmp_path, monkeypat
                        only={unsloth.label(unsloth.OFFLOADED)}, loss_chunks=False)
     assert [(r["shape"], r["grad_ckpt"], r["implementation"], tuple(r["fusions"])) for r in only] == \
         [("1x8", True, "ours", unsloth.OFFLOADED)]
+
+
+def test_a_peak_trace_finds_the_highest_point_and_what_was_alive():
+    """bench.unsloth.peak_of on an allocator history: the live bytes' highest point, the allocation that
+    reached it, and what was alive then, by the code that allocated it (a library's frame before the
+    bench's own)."""
+    from qlora_tutorial.bench import unsloth
+
+    def frames(*where):
+        return [{"filename": f"/x/site-packages/{f}", "line": line, "name": name} for f, line, name in where]
+    bench = ("qlora_tutorial/bench/step.py", 9, "train_step")
+    mlp = frames(("transformers/models/llama/modeling_llama.py", 5, "forward"), bench)
+    step = [{"filename": "/w/qlora_tutorial/bench/step.py", "line": 9, "name": "train_step"}]
+    zoo = [{"filename": "/root/us/unsloth_zoo/losses.py", "line": 3, "name": "loss"}]  # a folder on PYTHONPATH
+    trace = [{"action": "alloc", "addr": 1, "size": 2**20, "frames": mlp},
+             {"action": "segment_alloc", "addr": 0, "size": 2**30, "frames": []},  # not an allocation of a tensor
+             {"action": "alloc", "addr": 2, "size": 3 * 2**20, "frames": step},
+             {"action": "free_requested", "addr": 1, "size": 2**20, "frames": mlp},
+             {"action": "alloc", "addr": 3, "size": 2**20, "frames": mlp},
+             {"action": "free_completed", "addr": 1, "size": 2**20, "frames": mlp},
+             {"action": "alloc", "addr": 4, "size": 2**19, "frames": frames(("torch/optim/adamw.py", 7, "step"))},
+             {"action": "free_completed", "addr": 2, "size": 3 * 2**20, "frames": step},
+             {"action": "alloc", "addr": 5, "size": 2**20, "frames": zoo}]
+    got = unsloth.peak_of(trace)
+    assert got["peak_gib"] == round(5 * 2**20 / 2**30, 4) and got["events"] == len(trace)
+    assert got["at"] == {"where": "transformers/models/llama/modeling_llama.py:5 forward", "mib": 1.0}
+    assert got["live"] == [{"where": "qlora_tutorial/bench/step.py:9 train_step", "mib": 3.0, "tensors": 1},
+                           {"where": "transformers/models/llama/modeling_llama.py:5 forward", "mib": 2.0, "tensors": 2}]
+    trace.append({"action": "alloc", "addr": 6, "size": 5 * 2**20, "frames": zoo})
+    assert unsloth.peak_of(trace)["at"]["where"] == "unsloth_zoo/losses.py:3 loss"
 
 
 def test_the_unsloth_bench_imports_no_transformers_before_unsloth():

@@ -166,7 +166,7 @@ def test_a_head_with_a_bias_is_refused_and_the_model_left_as_it_was():
     fails_and_changes_nothing(model, lambda: fused.fuse(model), r"lm_head\.bias.*chunked_loss=False")
     assert "forward" not in vars(model) and fused.fused_options(model) == {}
     fused.fuse(model, chunked_loss=False, offload=True)  # offloading alone does not care
-    assert fused.fused_options(model) == {"chunked_loss": False, "offload": True,
+    assert fused.fused_options(model) == {"chunked_loss": False, "offload": True, "swiglu": False,
                                           "chunk_tokens": fused.chunk_tokens_for(VOCAB)}
 
 
@@ -175,6 +175,61 @@ def test_nothing_to_fuse_and_no_language_model_are_refused():
         fused.fuse(lora_model(), chunked_loss=False, offload=False)
     with pytest.raises(ValueError, match="no causal language model"):
         fused.fuse(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["LoRA", "QLoRA"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["", "checkpointing"])
+def test_swiglu_gives_the_same_gradients_to_the_bit(qlora, ckpt):
+    """SwiGLU's backward computes what eager PyTorch's does, in the same order: the same bits."""
+    model = lora_model(qlora=qlora)
+    T.set_checkpointing(model, ckpt)
+    model.train()
+    ids, labels = batch()
+    want_loss, want = loss_and_grads(model, ids, labels)
+    fused.fuse(model, chunked_loss=False, swiglu=True)
+    assert all("forward" in vars(mlp) for mlp in fused.swiglu_mlps(model))
+    loss, got = loss_and_grads(model, ids, labels)
+    assert torch.equal(loss, want_loss) and got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    fused.unfuse(model)
+    assert not any("forward" in vars(mlp) for mlp in fused.swiglu_mlps(model))
+
+
+def saved_bytes(model, ids, labels) -> int:
+    """The bytes autograd keeps from the forward for the backward (each tensor once)."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=labels).loss.backward()
+    return sum(n for ptr, n in kept.items() if ptr not in params)
+
+
+def test_swiglu_keeps_one_intermediate_tensor_less_per_layer():
+    model = lora_model()
+    ids, labels = batch()
+    before = saved_bytes(model, ids, labels)
+    fused.fuse(model, chunked_loss=False, swiglu=True)
+    config = model.config
+    one = ids.numel() * config.intermediate_size * 4  # tokens x intermediate size, float32
+    assert before - saved_bytes(model, ids, labels) == config.num_hidden_layers * one
+
+
+def test_swiglu_refuses_a_second_backward_and_a_model_without_silu():
+    model = fused.fuse(lora_model(), chunked_loss=False, swiglu=True)
+    ids, labels = batch()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice.*swiglu=False"):
+        loss.backward()
+    model = lora_model()
+    for layer in model.model.layers:
+        layer.mlp.act_fn = nn.GELU()
+    fails_and_changes_nothing(model, lambda: fused.fuse(model, swiglu=True), r"no MLP .* SiLU.*swiglu=False")
+    assert fused.fused_options(model) == {} and not any("forward" in vars(m) for m in model.modules())
 
 
 def test_logits_to_keep_with_labels_is_refused():
@@ -236,6 +291,27 @@ def test_offloading_cannot_be_recorded_and_the_fast_trainer_says_so(tmp_path):
         trainer.create_optimizer()
     assert "offloads its activations" in trainer.why_ordinary
     assert any("offloads its activations" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(not CUDA, reason="the CUDA allocator's peak")
+def test_the_chunked_loss_holds_one_and_a_half_chunks_of_float32_logits():
+    """The bf16 product and its float32 copy, or the float32 gradient and its bf16 copy: 1.5 chunks of
+    float32 logits at the peak, besides the gradient of the hidden states."""
+    vocab, width, tokens, chunk = 32000, 256, 2048, 256
+    g = torch.Generator("cuda").manual_seed(0)
+    weight = torch.randn(vocab, width, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    hidden = torch.randn(1, tokens, width, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    labels = torch.randint(0, vocab, (1, tokens), device="cuda", generator=g)
+    fused.causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk).backward()  # cuBLAS's workspace, once
+    hidden.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fused.causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk).backward()
+    peak = torch.cuda.max_memory_allocated() - before
+    one = 4 * chunk * vocab  # a chunk's float32 logits
+    gradients = 2 * hidden.numel() * hidden.element_size()  # the stored one and the one handed back
+    assert 1.5 * one <= peak <= 1.5 * one + gradients + 2**20
 
 
 @pytest.mark.skipif(not CUDA, reason="host offloading moves CUDA tensors")

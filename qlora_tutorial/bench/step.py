@@ -34,9 +34,15 @@ def train_step(model, optimizer, input_ids, autocast: torch.dtype | None = None)
     return loss.detach()
 
 
-def _free(device: torch.device) -> None:
+def _free(device: torch.device, workspaces: bool = False) -> None:
+    """Collect garbage and give cached GPU memory back. ``workspaces``: also free cuBLAS's workspaces,
+    which it keeps in PyTorch's allocator once a matmul has run (one per stream, 32 MiB on an H100),
+    so that what comes next allocates and counts its own; only where no recorded CUDA graph lives,
+    since a graph's kernels keep the workspace's address."""
     gc.collect()
     if device.type == "cuda":
+        if workspaces:
+            torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
 
 

@@ -19,8 +19,13 @@ Our setups (``fusions``): ``graph`` (compiled decoder layers, the step recorded 
 ``fused.fuse(offload=True)``; eager, since a graph cannot record it), ``budget`` (the layers compiled
 with ``memory_budget=BUDGET``: the compiler computes the cheapest activations again in the backward
 instead of keeping them; with ``graph``, without checkpointing), ``compile`` (the layers compiled, the
-step eager: with ``offload``, which a graph cannot record). Each fusion also runs without the
-others it is measured against, so the rows give what each saves on its own.
+step eager: with ``offload``, which a graph cannot record), ``swiglu`` (``fused.SwiGLU`` in every MLP,
+eager). Each fusion also runs without the others it is measured against, so the rows give what each
+saves on its own.
+
+``--trace-peaks``: each eager setup with checkpointing, Unsloth's and PEFT's included, runs once more
+with the allocator's history recorded, and ``peak_traces`` in the record says what the step's own
+allocations were at their highest point, by the code that made them (``trace_peak``).
 """
 from __future__ import annotations
 
@@ -76,20 +81,96 @@ def timed(step, steps: int, profile_steps: int) -> tuple[float, float | None, di
     return wall, busy, kinds
 
 
-def run_setups(setups, model_name, rounds, steps, warmup, emit, model_bytes=None):
+PACKAGES = ("qlora_tutorial", "transformers", "unsloth_zoo", "unsloth", "peft", "bitsandbytes", "torch")
+
+
+def _where(frames) -> str:
+    """The code that made an allocation: its innermost Python frame in a library or in this package
+    (the bench's own frames only where there is nothing else: a built-in backward)."""
+    def short(f):  # from the package's folder on: "transformers/models/llama/modeling_llama.py:64 forward"
+        name = f["filename"].replace("\\", "/")
+        found = [name.find(f"/{pkg}/") for pkg in PACKAGES if f"/{pkg}/" in name]
+        return f"{name[min(found) + 1:] if found else name}:{f['line']} {f['name']}"
+    libraries = ("/qlora_tutorial/", "/transformers/", "unsloth", "/peft/", "/bitsandbytes/", "/torch/optim/",
+                 "/torch/utils/checkpoint")
+    for f in frames:
+        if any(k in f["filename"] for k in libraries) and "/qlora_tutorial/bench/" not in f["filename"]:
+            return short(f)
+    for f in frames:
+        if "/qlora_tutorial/bench/" in f["filename"]:
+            return short(f)
+    return short(frames[0]) if frames else "(no Python frame)"
+
+
+def trace_peak(prepare, steps: int) -> dict:
+    """``prepare()`` and ``steps`` steps once more, with the allocator's history recorded: the highest
+    point of what they allocated (above what was allocated before), the allocation that reached it, and
+    what was alive then, by the code that allocated it (``_where``), largest first."""
+    _free(DEVICE, workspaces=True)
+    torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=4_000_000,
+                                            clear_history=True)
+    try:
+        step, cleanup = prepare()
+        for _ in range(steps):
+            step()
+        _sync(DEVICE)
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    cleanup()
+    step = cleanup = None
+    _free(DEVICE, workspaces=True)
+    return {**peak_of(trace), "steps": steps}
+
+
+def peak_of(trace: list[dict]) -> dict:
+    """What ``trace_peak`` says of an allocator history (``torch.cuda.memory._snapshot()``'s events of
+    one device): allocations ("alloc") and frees ("free_completed"), each with its address, size and
+    Python frames."""
+    events = [e for e in trace if e["action"] in ("alloc", "free_completed")]
+    live, now, top, at = {}, 0, 0, -1
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            now += e["size"]
+        elif e["addr"] in live:
+            now -= live.pop(e["addr"])["size"]
+        if now > top:
+            top, at = now, i
+    live = {}
+    for e in events[:at + 1]:  # again, to the highest point
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        else:
+            live.pop(e["addr"], None)
+    groups = {}
+    for e in live.values():
+        where = _where(e.get("frames", []))
+        n, size = groups.get(where, (0, 0))
+        groups[where] = (n + 1, size + e["size"])
+    reached = events[at] if at >= 0 else None
+    return {"peak_gib": round(top / GIB, 4), "events": len(trace),
+            "at": None if reached is None else {"where": _where(reached.get("frames", [])),
+                                                "mib": round(reached["size"] / 2**20, 2)},
+            "live": [{"where": w, "mib": round(size / 2**20, 2), "tensors": n}
+                     for w, (n, size) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:15]]}
+
+
+def run_setups(setups, model_name, rounds, steps, warmup, emit, model_bytes=None, trace=False):
     """``setups``: (shape, grad_ckpt, implementation, fusions, prepare) with ``prepare()`` -> (step, cleanup).
     Each round prepares every setup afresh (peak memory measured from there), warms it up and times it.
 
     ``model_bytes``: what the GPU held once the model was built. Memory still allocated beyond it
     when a setup starts (an earlier setup's leftovers: compiled code, a recording's pool) is taken off
     that setup's peak, and its size recorded (``leftover_gib``), so each peak is the model's plus the
-    setup's own."""
+    setup's own. ``trace``: every setup with checkpointing that is not recorded as a graph also goes
+    through ``trace_peak`` (warm-up steps and one more), emitted as a ``peak_trace``."""
     results = {i: {"wall": [], "gpu": [], "peak": [], "left": [], "kinds": None} for i in range(len(setups))}
     for k in range(rounds):
         for i, (shape, ckpt, impl, fusions, prepare) in enumerate(setups):
             name = f"{model_name} {shape[0]}x{shape[1]} ckpt={ckpt} {impl} {label(fusions)}"
             try:
-                _free(DEVICE)
+                _free(DEVICE, workspaces=True)
                 left = 0
                 if DEVICE.type == "cuda":
                     left = max(0, _allocated(DEVICE) - model_bytes) if model_bytes is not None else 0
@@ -107,7 +188,7 @@ def run_setups(setups, model_name, rounds, steps, warmup, emit, model_bytes=None
             except Exception as exc:  # recorded, and the other setups go on
                 step = cleanup = loss = None
                 emit({"failure": name, "round": k, "error": f"{type(exc).__name__}: {exc}"[:800]})
-                _free(DEVICE)
+                _free(DEVICE, workspaces=True)
                 continue
             r = results[i]
             r["wall"].append(wall)
@@ -134,6 +215,17 @@ def run_setups(setups, model_name, rounds, steps, warmup, emit, model_bytes=None
               "leftover_gib_rounds": [round(g, 3) for g in r["left"]],
               # what the process held once the model was built: weights, quantization state, adapters
               "model_gib": round(model_bytes / GIB, 3) if model_bytes is not None else None})
+    for shape, ckpt, impl, fusions, prepare in setups:
+        if not (trace and ckpt and "graph" not in fusions and DEVICE.type == "cuda"):
+            continue
+        try:
+            found = trace_peak(prepare, warmup + 1)
+        except Exception as exc:
+            emit({"failure": f"{model_name} {shape[0]}x{shape[1]} {impl} {label(fusions)} trace",
+                  "error": f"{type(exc).__name__}: {exc}"[:800]})
+            continue
+        emit({"peak_trace": {"model": model_name, "shape": f"{shape[0]}x{shape[1]}", "grad_ckpt": ckpt,
+                             "implementation": impl, "fusions": list(fusions), **found}})
 
 
 # ------------------------------------------------------------------ the chunked loss alone, chunk by chunk
@@ -167,7 +259,7 @@ def loss_chunk_rows(model_name, config, shapes, steps, emit, chunk_mibs=CHUNK_MI
                     loss = causal_lm_loss(h, weight, labels, chunk_tokens=tokens)
                 loss.backward()
                 return loss
-            _free(DEVICE)
+            _free(DEVICE, workspaces=True)
             step()  # warm-up
             before = _allocated(DEVICE) if DEVICE.type == "cuda" else None
             if before is not None:
@@ -181,7 +273,7 @@ def loss_chunk_rows(model_name, config, shapes, steps, emit, chunk_mibs=CHUNK_MI
                                  "peak_gib": None if peak is None else round(peak, 4)}})
         h = hidden = labels = None
     weight = None
-    _free(DEVICE)
+    _free(DEVICE, workspaces=True)
 
 
 # ------------------------------------------------------------------ the implementations, each in its own process
@@ -190,7 +282,8 @@ def label(fusions) -> str:
     return "+".join(fusions) or "none"
 
 
-def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, only=None, loss_chunks=True):
+def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, only=None, loss_chunks=True,
+               trace=False):
     """Our setups on one model. ``only``: the names (``label``) of the setups to run; every setup where
     None. ``loss_chunks``: first the chunked loss on its own (``loss_chunk_rows``)."""
     from transformers import AutoModelForCausalLM
@@ -206,14 +299,16 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, o
     model.train()
     if loss_chunks:
         loss_chunk_rows(model_name, model.config, shapes, steps, emit)
+    _free(DEVICE, workspaces=True)
     model_bytes = _allocated(DEVICE)
     compiled = []  # the memory budget the layers are compiled with, once they are
 
     def setup(shape, ckpt, fusions):
         def prepare():
             fused.unfuse(model)
-            if "chunked_loss" in fusions or "offload" in fusions:
-                fused.fuse(model, chunked_loss="chunked_loss" in fusions, offload="offload" in fusions)
+            if {"chunked_loss", "offload", "swiglu"} & set(fusions):
+                fused.fuse(model, chunked_loss="chunked_loss" in fusions, offload="offload" in fusions,
+                           swiglu="swiglu" in fusions)
             set_checkpointing(model, ckpt)
             ids = torch.randint(0, model.config.vocab_size, shape, device=DEVICE,
                                 generator=torch.Generator(DEVICE).manual_seed(0))
@@ -244,9 +339,9 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, o
     setups = []
     for shape in shapes:
         for ckpt in ckpts:
-            choices = [("graph", "chunked_loss"), ("graph",), ("chunked_loss",), ()]
+            choices = [("graph", "chunked_loss"), ("graph",), ("chunked_loss",), (), ("chunked_loss", "swiglu")]
             if ckpt:
-                choices += [OFFLOADED, COMPILED_OFFLOADED]
+                choices += [OFFLOADED, SWIGLU_OFFLOADED, COMPILED_OFFLOADED]
             else:
                 choices.append(BUDGETED)
             for fusions in choices:
@@ -255,13 +350,13 @@ def child_ours(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, o
     # the eager setups first, in rounds of their own: compiling the layers for the graphs changes every
     # later step of this model
     run_setups([s for s in setups if not {"graph", "compile"} & set(s[3])], model_name, rounds, steps, warmup, emit,
-               model_bytes)
+               model_bytes, trace)
     for budgeted in (False, True):  # compiled with one budget, then with the other
         run_setups([s for s in setups if {"graph", "compile"} & set(s[3]) and ("budget" in s[3]) == budgeted],
-                   model_name, rounds, steps, warmup, emit, model_bytes)
+                   model_name, rounds, steps, warmup, emit, model_bytes, trace)
 
 
-def child_peft(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit):
+def child_peft(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, trace=False):
     """PEFT's QLoRA (``suite.build("qlora", "peft")``: bitsandbytes' NF4 with double quantization, float32
     adapters) in a process of its own: what another implementation leaves allocated would otherwise
     count in its peaks."""
@@ -270,6 +365,7 @@ def child_peft(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit):
 
     model = build("qlora", "peft", Path(folder), DEVICE, torch.bfloat16, r=R, alpha=ALPHA)
     model.train()
+    _free(DEVICE, workspaces=True)
     model_bytes = _allocated(DEVICE)
 
     def setup(shape, ckpt):
@@ -281,10 +377,10 @@ def child_peft(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit):
             return (lambda: train_step(model, optimizer, ids)), lambda: None
         return prepare
     run_setups([(shape, ckpt, "peft", (), setup(shape, ckpt)) for shape in shapes for ckpt in ckpts],
-               model_name, rounds, steps, warmup, emit, model_bytes)
+               model_name, rounds, steps, warmup, emit, model_bytes, trace)
 
 
-def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit):
+def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit, trace=False):
     """Unsloth as its documentation shows: ``FastLanguageModel.from_pretrained(load_in_4bit=True)``, then
     ``get_peft_model``; its own checkpointing (``"unsloth"``: offloaded to the host) or none. Unsloth
     fixes checkpointing when it builds the adapters, so each setting gets its own model."""
@@ -299,6 +395,7 @@ def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit
                                                  lora_dropout=0, bias="none", random_state=0,
                                                  use_gradient_checkpointing="unsloth" if ckpt else False)
         FastLanguageModel.for_training(model)
+        _free(DEVICE, workspaces=True)
         model_bytes = _allocated(DEVICE)
 
         def setup(shape, m=model):
@@ -308,14 +405,15 @@ def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit
                 return (lambda: train_step(m, optimizer, ids)), lambda: None
             return prepare
         run_setups([(shape, ckpt, "unsloth", (), setup(shape)) for shape in shapes], model_name, rounds, steps,
-                   warmup, emit, model_bytes)
+                   warmup, emit, model_bytes, trace)
         model = setup = None  # setup's default argument holds the model too: both go before the next is built
-        _free(DEVICE)
+        _free(DEVICE, workspaces=True)
 
 
 # ------------------------------------------------------------------ the targets
 RECORDED = ("graph", "chunked_loss")  # our fastest step
-OFFLOADED = ("chunked_loss", "offload")  # our smallest eager step with checkpointing
+OFFLOADED = ("chunked_loss", "offload")  # our eager step with checkpointing, activations on the host
+SWIGLU_OFFLOADED = ("chunked_loss", "offload", "swiglu")  # the same with SwiGLU keeping two tensors
 COMPILED_OFFLOADED = ("compile", "chunked_loss", "offload")  # the same with compiled layers
 BUDGETED = ("graph", "chunked_loss", "budget")  # our smallest recorded step without checkpointing
 MOONSHOT = ("llama3-8b", "1x8192", 15.0)  # the 8B architecture at 1x8192, checkpointing: under a T4's 15 GiB
@@ -342,7 +440,8 @@ def unsloth_targets(result: dict) -> list[dict]:
         if ours is None:
             continue
         where = f"{model} {shape}{' with checkpointing' if ckpt else ''}"
-        smallest = min([ours] + [rows[k] for k in [(model, shape, ckpt, "ours", f) for f in (BUDGETED, OFFLOADED, COMPILED_OFFLOADED)]
+        smallest = min([ours] + [rows[k] for k in [(model, shape, ckpt, "ours", f) for f in (BUDGETED, OFFLOADED, SWIGLU_OFFLOADED,
+                                                                                       COMPILED_OFFLOADED)]
                                  if k in rows], key=lambda r: r["peak_gib"])
         for name, value, limit in ((f"{where}: GPU-busy, ours / Unsloth", ours["gpu_ms"] / theirs["gpu_ms"], 0.85),
                                    (f"{where}: peak memory, ours / Unsloth", smallest["peak_gib"] / theirs["peak_gib"], 1.0),
@@ -370,6 +469,11 @@ NOTES = {  # what a record's provenance says of how it was measured
                    "peak_gib is the peak above the inputs",
     "gpu_ms": "the profiler's kernel time per step over 3 steps of the first round; gpu_ms_by_kind splits it by "
               "kernel name (profiling.kernel_kind)",
+    "peak_traces": "with --trace-peaks: each eager setup with checkpointing once more (warm-up steps and one "
+                   "more) with the allocator's history recorded (trace_peak): peak_gib above what was allocated "
+                   "before, the allocation that reached it, and what was alive then by the code that allocated it",
+    "workspaces": "cuBLAS's workspaces are freed before each model_gib and each setup (step._free), so every "
+                  "setup's peak counts the workspace it allocates",
 }
 
 
@@ -388,6 +492,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", help="batch x sequence for every model instead of SHAPES', e.g. 1x8192")
     parser.add_argument("--setups", help="only these of our setups (fusions joined by +, or none), e.g. "
                                          "chunked_loss+offload,none")
+    parser.add_argument("--trace-peaks", action="store_true",
+                        help="trace the allocations of each eager setup with checkpointing (peak_traces)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one implementation's process may take")
     parser.add_argument("--append", action="store_true",
                         help="add this run's rows to --json's (a run on the same device), its command to the commands")
@@ -399,6 +505,7 @@ def main(argv=None) -> int:
         shapes = SHAPES[args.model] if not args.shapes else \
             [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
         extra = {"only": args.setups and set(args.setups.split(","))} if args.child == "ours" else {}
+        extra["trace"] = args.trace_peaks
         run = {"unsloth": child_unsloth, "ours": child_ours, "peft": child_peft}[args.child]
         run(Path(args.folder), args.model, shapes, ckpts, args.rounds, args.steps, args.warmup, emit, **extra)
         return 0
@@ -432,6 +539,7 @@ def main(argv=None) -> int:
                        "--model", name, "--rounds", str(args.rounds), "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--ckpts", args.ckpts, "--json", "-"]
                 cmd += [f"--{key}={value}" for key, value in (("shapes", args.shapes), ("setups", args.setups)) if value]
+                cmd += ["--trace-peaks"] if args.trace_peaks else []
                 try:
                     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
                     stdout, rc, log = done.stdout, done.returncode, done.stderr
@@ -444,18 +552,18 @@ def main(argv=None) -> int:
                 for line in stdout.splitlines():
                     if line.startswith("ROW "):
                         row = json.loads(line[4:])
-                        if "loss_chunk" in row:
-                            row = row["loss_chunk"]
+                        kind = next((k for k in ("loss_chunk", "peak_trace") if k in row), None)
+                        row = row[kind] if kind else row
                         row["command"] = len(record["provenance"]["commands"]) - 1  # which command measured it
-                        if "chunk_mib" in row:
-                            record.setdefault("loss_chunks", []).append(row)
+                        if kind:
+                            record.setdefault(kind + "s", []).append(row)
                         else:
                             (record["failures"] if "failure" in row else record["rows"]).append(row)
                 if rc != 0:
                     record["failures"].append({"failure": f"{name} {impl}", "rc": rc, "error": tail[-1500:]})
                 record["seconds"][f"{name} {impl}{at}"] = round(time.perf_counter() - t0, 1)
                 out.write_text(json.dumps(record, indent=1) + "\n")
-            _free(DEVICE)
+            _free(DEVICE, workspaces=True)
     return 0
 
 
