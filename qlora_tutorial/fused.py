@@ -1,12 +1,12 @@
 """Fusions of the fast path: the work of a training step done with less memory and fewer passes.
 
-Two pieces, each an option of ``fuse`` and each measured in chapter 13:
+Three pieces, each an option of ``fuse`` and each measured in chapter 13:
 
 * **the head and the loss in chunks** (``ChunkedLMLoss``). A causal language model's last layer
   multiplies every token's hidden state by the vocabulary matrix: tokens x vocabulary logits (2,048 x
   128,256 for a Llama-3-8B batch of 2,048 tokens), which ``transformers`` then copies to float32 for the
   cross-entropy, and whose gradient is as large again. Here the tokens go through the head a chunk at
-  a time: one chunk's float32 logits exist at once, and the gradient with respect to the hidden states
+  a time: one and a half chunks' float32 logits exist at once, and the gradient with respect to the hidden states
   is computed in the same pass (the loss is the last thing the forward computes, so its gradient is
   known in advance up to the one factor the backward brings). What is stored for the backward is that
   gradient, tokens x hidden, instead of the logits.
@@ -14,20 +14,19 @@ Two pieces, each an option of ``fuse`` and each measured in chapter 13:
   tensors kept between forward and backward are each decoder layer's input plus what lies outside the
   layers (the final norm's input, the head's). Under this context they wait in pinned host memory
   instead, copied out asynchronously as the forward goes and back as the backward reaches them.
-
-* **SwiGLU that keeps two tensors** (``SwiGLU``). A Llama MLP computes ``down(silu(gate(x)) * up(x))``;
+* **SwiGLU with its SiLU computed again** (``SwiGLU``). A Llama MLP computes ``down(silu(gate(x)) * up(x))``;
   eager PyTorch keeps ``gate(x)`` for the SiLU's backward and both ``silu(gate(x))`` and ``up(x)`` for the
   product's: three tensors of tokens x intermediate size per layer. ``SwiGLU`` keeps ``gate(x)`` and
   ``up(x)`` and computes the SiLU again in the backward, and its backward writes one gradient into the
   memory of ``up(x)``, which nothing needs after it.
 
 The fused and the unfused step compute the same loss and gradients (``tests/test_fused.py`` checks
-both against ``transformers``' own). Both pieces are plain PyTorch: they run on the CPU, and the
-chunked loss runs inside a recorded CUDA graph (``fast.CapturedStep``), where its chunks cost no
+them against ``transformers``' own; SwiGLU's to the bit). All three are plain PyTorch: they run on
+the CPU, and the chunked loss runs inside a recorded CUDA graph (``fast.CapturedStep``), where its chunks cost no
 host time. Host offloading cannot be recorded: a graph has no place for host buffers that each step
-allocates. The RMSNorm, rotary embedding and SwiGLU of each decoder layer need no module of their
-own: ``fast.compile_for_training`` compiles each layer, and the compiler fuses their elementwise
-work into a few kernels; its ``memory_budget`` sets how much of their activations each compiled
+allocates. For speed, the RMSNorm, rotary embedding and SwiGLU of each decoder layer need no kernel
+of their own: ``fast.compile_for_training`` compiles each layer, and the compiler fuses their
+elementwise work into a few kernels; its ``memory_budget`` sets how much of their activations each compiled
 layer keeps for the backward and how much it computes again.
 """
 from __future__ import annotations
@@ -146,7 +145,7 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return ChunkedLMLoss.apply(flat, weight, targets.to(hidden.device), divisor, int(chunk))
 
 
-# ------------------------------------------------------------------ SwiGLU, keeping two tensors
+# ------------------------------------------------------------------ SwiGLU, its SiLU computed again
 class SwiGLU(torch.autograd.Function):
     """``silu(gate) * up``, keeping ``gate`` and ``up`` for the backward and nothing else.
 

@@ -413,7 +413,7 @@ def child_unsloth(folder, model_name, shapes, ckpts, rounds, steps, warmup, emit
 # ------------------------------------------------------------------ the targets
 RECORDED = ("graph", "chunked_loss")  # our fastest step
 OFFLOADED = ("chunked_loss", "offload")  # our eager step with checkpointing, activations on the host
-SWIGLU_OFFLOADED = ("chunked_loss", "offload", "swiglu")  # the same with SwiGLU keeping two tensors
+SWIGLU_OFFLOADED = ("chunked_loss", "offload", "swiglu")  # the same with fused.SwiGLU
 COMPILED_OFFLOADED = ("compile", "chunked_loss", "offload")  # the same with compiled layers
 BUDGETED = ("graph", "chunked_loss", "budget")  # our smallest recorded step without checkpointing
 MOONSHOT = ("llama3-8b", "1x8192", 15.0)  # the 8B architecture at 1x8192, checkpointing: under a T4's 15 GiB
