@@ -293,6 +293,40 @@ def test_offloading_cannot_be_recorded_and_the_fast_trainer_says_so(tmp_path):
     assert any("offloads its activations" in str(w.message) for w in caught)
 
 
+@pytest.mark.skipif(not CUDA, reason="a recorded CUDA graph")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager layers", "compiled layers"])
+def test_swiglu_and_the_chunked_loss_train_inside_a_recorded_step(compiled):
+    """fast.CapturedStep records the fused step (the chunked loss and SwiGLU) and replays it on new
+    batches: the same losses as the unfused model trained eager, step by step."""
+    losses = {}
+    for how in ("eager", "recorded"):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model = quantize_model(tiny_llama(vocab_size=VOCAB).to("cuda"), "all", alpha=8, r=4,
+                               compute_dtype=torch.float32)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, capturable=True)
+        batches = [torch.randint(0, VOCAB, (2, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+                   for i in range(6)]
+        if how == "eager":
+            run = []
+            for b in [batches[0]] * 3 + batches:  # CapturedStep's three warm-up steps on the example batch first
+                opt.zero_grad(set_to_none=True)
+                loss = model(input_ids=b, labels=b).loss
+                loss.backward()
+                opt.step()
+                run.append(loss.item())
+            run = run[3:]
+        else:
+            fused.fuse(model, swiglu=True, chunk_bytes=5 * 4 * VOCAB)
+            if compiled:
+                fast.compile_for_training(model)
+            step = fast.CapturedStep(model, opt, input_ids=batches[0], labels=batches[0])
+            run = [step(input_ids=b, labels=b).item() for b in batches]
+        losses[how] = run
+    assert losses["recorded"][0] != losses["recorded"][1]  # it trains
+    torch.testing.assert_close(losses["recorded"], losses["eager"], rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.skipif(not CUDA, reason="the CUDA allocator's peak")
 def test_the_chunked_loss_holds_one_and_a_half_chunks_of_float32_logits():
     """The bf16 product and its float32 copy, or the float32 gradient and its bf16 copy: 1.5 chunks of
