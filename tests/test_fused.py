@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlora_tutorial import fast, fused, quantize_model
+from qlora_tutorial import fast, fused, memory, quantize_model
 from qlora_tutorial import train as T
 from qlora_tutorial.models import tiny_llama
 
@@ -195,27 +195,14 @@ def test_swiglu_gives_the_same_gradients_to_the_bit(qlora, ckpt):
     assert not any("forward" in vars(mlp) for mlp in fused.swiglu_mlps(model))
 
 
-def saved_bytes(model, ids, labels) -> int:
-    """The bytes autograd keeps from the forward for the backward (each tensor once)."""
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=labels).loss.backward()
-    return sum(n for ptr, n in kept.items() if ptr not in params)
-
-
 def test_swiglu_keeps_one_intermediate_tensor_less_per_layer():
     model = lora_model()
-    ids, labels = batch()
-    before = saved_bytes(model, ids, labels)
+    ids, _ = batch()
+    before = memory.saved_activation_bytes(model, ids)
     fused.fuse(model, chunked_loss=False, swiglu=True)
     config = model.config
     one = ids.numel() * config.intermediate_size * 4  # tokens x intermediate size, float32
-    assert before - saved_bytes(model, ids, labels) == config.num_hidden_layers * one
+    assert before - memory.saved_activation_bytes(model, ids) == config.num_hidden_layers * one
 
 
 def test_swiglu_refuses_a_second_backward_and_a_model_without_silu():

@@ -91,8 +91,7 @@ def _where(frames) -> str:
         name = f["filename"].replace("\\", "/")
         found = [name.find(f"/{pkg}/") for pkg in PACKAGES if f"/{pkg}/" in name]
         return f"{name[min(found) + 1:] if found else name}:{f['line']} {f['name']}"
-    libraries = ("/qlora_tutorial/", "/transformers/", "unsloth", "/peft/", "/bitsandbytes/", "/torch/optim/",
-                 "/torch/utils/checkpoint")
+    libraries = [f"/{pkg}/" for pkg in PACKAGES if pkg != "torch"] + ["/torch/optim/", "/torch/utils/checkpoint"]
     for f in frames:
         if any(k in f["filename"] for k in libraries) and "/qlora_tutorial/bench/" not in f["filename"]:
             return short(f)
